@@ -1,0 +1,140 @@
+"""DINO's self-distillation loss on image-level (CLS) outputs.
+
+The loss is pure: `forward` never touches the center. The training step calls `update_center`
+with the teacher's raw outputs after computing the loss (as DINO does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densedino.losses.centering import Center
+
+__all__ = ["DINOLoss", "default_pairs", "teacher_probs"]
+
+
+def check_temperature(name: str, value: float) -> None:
+    """Raise ValueError unless `value` is a finite positive temperature."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """Centered, sharpened and detached teacher distribution softmax((t - c) / tau_t)."""
+    return F.softmax((teacher_out.detach().float() - center) / teacher_temp, dim=-1)
+
+
+def default_pairs(num_teacher: int, num_student: int) -> list[tuple[int, int]]:
+    """DINO's pairs: every teacher view iq against every student view v != iq."""
+    return [(iq, v) for iq in range(num_teacher) for v in range(num_student) if v != iq]
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between centered/sharpened teacher and student distributions.
+
+    For each pair (iq, v): ``-sum_c softmax((t_iq - center) / tau_t) * log_softmax(s_v / tau_s)``,
+    averaged over the batch, then over the pairs.
+
+    Args:
+        out_dim: Number of prototypes (head output size).
+        student_temp: Student temperature tau_s.
+        center_momentum: EMA momentum of the teacher center.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        check_temperature("DINOLoss: student_temp", student_temp)
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.centering = Center(out_dim, center_momentum)
+
+    @property
+    def center(self) -> Tensor:
+        """The current center [1, out_dim]."""
+        return self.centering.center
+
+    def forward(
+        self,
+        student_out: Sequence[Tensor] | Tensor,
+        teacher_out: Tensor,
+        teacher_temp: float,
+        pairs: Sequence[tuple[int, int]] | None = None,
+    ) -> Tensor:
+        """Compute the loss.
+
+        Args:
+            student_out: Student head outputs for V views: a sequence of [B, C] or a [V, B, C].
+            teacher_out: Teacher raw head outputs [T, B, C] for the T teacher views; teacher
+                view iq is the same crop as student view iq.
+            teacher_temp: Teacher temperature tau_t (driven by a scheduler).
+            pairs: (teacher view, student view) pairs to use; default `default_pairs(T, V)`.
+
+        Returns:
+            Scalar loss.
+        """
+        check_temperature("DINOLoss: teacher_temp", teacher_temp)
+        student = self._stack_student(student_out)
+        self._check_teacher(teacher_out, student)
+        num_teacher, num_student = teacher_out.shape[0], student.shape[0]
+        pairs = default_pairs(num_teacher, num_student) if pairs is None else list(pairs)
+        _check_pairs(pairs, num_teacher, num_student)
+
+        q = teacher_probs(teacher_out, self.center, teacher_temp)
+        log_p = F.log_softmax(student.float() / self.student_temp, dim=-1)
+        terms = [torch.sum(-q[iq] * log_p[v], dim=-1).mean() for iq, v in pairs]
+        return torch.stack(terms).mean()
+
+    def update_center(self, teacher_out: Tensor) -> None:
+        """Fold the teacher's raw outputs [..., C] into the center EMA (all ranks)."""
+        self.centering.update(teacher_out)
+
+    def _stack_student(self, student_out: Sequence[Tensor] | Tensor) -> Tensor:
+        if isinstance(student_out, Tensor):
+            student = student_out
+        else:
+            if len(student_out) == 0:
+                raise ValueError("DINOLoss: student_out is empty")
+            shapes = {tuple(s.shape) for s in student_out}
+            if len(shapes) != 1:
+                raise ValueError(f"DINOLoss: student views differ in shape: {sorted(shapes)}")
+            student = torch.stack(list(student_out))
+        if student.ndim != 3 or student.shape[-1] != self.out_dim:
+            raise ValueError(
+                f"DINOLoss: student_out must be [V, B, {self.out_dim}] (or V tensors "
+                f"[B, {self.out_dim}]), got shape {tuple(student.shape)}"
+            )
+        return student
+
+    def _check_teacher(self, teacher_out: Tensor, student: Tensor) -> None:
+        if teacher_out.ndim != 3 or teacher_out.shape[-1] != self.out_dim:
+            raise ValueError(
+                f"DINOLoss: teacher_out must be [T, B, {self.out_dim}], "
+                f"got shape {tuple(teacher_out.shape)}"
+            )
+        if teacher_out.shape[1] != student.shape[1]:
+            raise ValueError(
+                f"DINOLoss: batch size differs: teacher {teacher_out.shape[1]}, "
+                f"student {student.shape[1]}"
+            )
+
+
+def _check_pairs(pairs: list[tuple[int, int]], num_teacher: int, num_student: int) -> None:
+    """Raise ValueError for an empty pair list or an index out of range."""
+    if not pairs:
+        raise ValueError(
+            f"DINOLoss: no (teacher, student) pairs (T={num_teacher}, V={num_student})"
+        )
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"DINOLoss: a pair must be (teacher_view, student_view), got {pair}")
+        iq, v = pair
+        if not (0 <= iq < num_teacher and 0 <= v < num_student):
+            raise ValueError(
+                f"DINOLoss: pair {pair} out of range (T={num_teacher} teacher views, "
+                f"V={num_student} student views)"
+            )

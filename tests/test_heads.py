@@ -1,0 +1,153 @@
+"""Tests for densedino.models.heads (DINO projection head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densedino.models.heads import DINOHead, cancel_last_layer_gradients
+
+DINO_KEYS = {
+    "mlp.0.weight",
+    "mlp.0.bias",
+    "mlp.2.weight",
+    "mlp.2.bias",
+    "mlp.4.weight",
+    "mlp.4.bias",
+    "last_layer.weight_g",
+    "last_layer.weight_v",
+}
+
+
+def small_head(**kwargs) -> DINOHead:
+    args = {"in_dim": 8, "out_dim": 10, "hidden_dim": 16, "bottleneck_dim": 6}
+    args.update(kwargs)
+    return DINOHead(**args)
+
+
+def test_output_shapes_for_cls_and_reference_tokens() -> None:
+    torch.manual_seed(0)
+    head = small_head()
+    assert head(torch.randn(3, 8)).shape == (3, 10)
+    tokens = torch.randn(2, 5, 8)
+    out = head(tokens)
+    assert out.shape == (2, 5, 10)
+    # Each token is projected independently of the others.
+    torch.testing.assert_close(out[1, 3], head(tokens[1, 3:4])[0])
+
+
+def test_bottleneck_is_l2_normalised() -> None:
+    torch.manual_seed(0)
+    head = small_head()
+    seen: list[torch.Tensor] = []
+    head.last_layer.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    head(10.0 * torch.randn(4, 3, 8))
+    norms = seen[0].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_norm_last_layer_freezes_unit_weight_g() -> None:
+    torch.manual_seed(0)
+    head = small_head()
+    g = head.last_layer.weight_g
+    assert g.shape == (10, 1)
+    assert not g.requires_grad
+    torch.testing.assert_close(g, torch.ones_like(g))
+    # With g = 1 every prototype (row of the effective weight) has unit norm.
+    row_norms = head.last_layer.weight.norm(dim=1)
+    torch.testing.assert_close(row_norms, torch.ones_like(row_norms))
+    head(torch.randn(4, 8)).sum().backward()
+    assert g.grad is None
+    assert head.last_layer.weight_v.grad is not None
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert "last_layer.weight_g" not in trainable
+
+
+def test_norm_last_layer_false_trains_weight_g() -> None:
+    torch.manual_seed(0)
+    head = small_head(norm_last_layer=False)
+    g = head.last_layer.weight_g
+    assert g.requires_grad
+    torch.testing.assert_close(g, torch.ones_like(g))
+    head(torch.randn(4, 8)).pow(2).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+
+
+def test_state_dict_keys_match_dino() -> None:
+    assert set(small_head().state_dict()) == DINO_KEYS
+    bn_keys = set(small_head(use_bn=True).state_dict())
+    # BatchNorm sits at index 1 and 4, shifting the linear layers to 0, 3, 6 (as in DINO).
+    assert {"mlp.0.weight", "mlp.1.running_mean", "mlp.3.weight", "mlp.6.weight"} <= bn_keys
+    assert set(small_head(nlayers=1).state_dict()) == {
+        "mlp.weight",
+        "mlp.bias",
+        "last_layer.weight_g",
+        "last_layer.weight_v",
+    }
+
+
+def test_loads_dino_checkpoint_and_computes_weight_norm() -> None:
+    torch.manual_seed(0)
+    shapes = {
+        "mlp.0.weight": (16, 8),
+        "mlp.0.bias": (16,),
+        "mlp.2.weight": (16, 16),
+        "mlp.2.bias": (16,),
+        "mlp.4.weight": (6, 16),
+        "mlp.4.bias": (6,),
+        "last_layer.weight_v": (10, 6),
+    }
+    ckpt = {k: torch.randn(s) for k, s in shapes.items()}
+    ckpt["last_layer.weight_g"] = torch.rand(10, 1) + 0.5  # a norm_last_layer=False head
+    head = small_head()
+    head.load_state_dict(ckpt, strict=True)
+    for k, v in ckpt.items():
+        torch.testing.assert_close(head.state_dict()[k], v)
+
+    x = torch.randn(3, 8)
+    h = F.gelu(x @ ckpt["mlp.0.weight"].T + ckpt["mlp.0.bias"])
+    h = F.gelu(h @ ckpt["mlp.2.weight"].T + ckpt["mlp.2.bias"])
+    z = h @ ckpt["mlp.4.weight"].T + ckpt["mlp.4.bias"]
+    z = z / z.norm(dim=-1, keepdim=True)
+    v = ckpt["last_layer.weight_v"]
+    w = ckpt["last_layer.weight_g"] * v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(head(x), z @ w.T)
+
+
+def test_init_trunc_normal_and_zero_bias() -> None:
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=64, out_dim=10, hidden_dim=256, bottleneck_dim=8)
+    w = head.mlp[0].weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    for name, p in head.mlp.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+
+
+def test_cancel_last_layer_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"cls": small_head(norm_last_layer=False), "ref": small_head()})
+    x = torch.randn(2, 8)
+    (model["cls"](x).sum() + model["ref"](x).pow(2).sum()).backward()
+    assert model["cls"].last_layer.weight_v.grad is not None
+    assert cancel_last_layer_gradients(model) == 2
+    for head in model.values():
+        assert all(p.grad is None for p in head.last_layer.parameters())
+        assert all(p.grad is not None for p in head.mlp.parameters())
+
+
+def test_batchnorm_head_accepts_token_batches() -> None:
+    torch.manual_seed(0)
+    assert small_head(use_bn=True)(torch.randn(2, 3, 8)).shape == (2, 3, 10)
+
+
+def test_errors() -> None:
+    head = small_head()
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        head(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="nlayers"):
+        small_head(nlayers=0)
+    with pytest.raises(ValueError, match="out_dim"):
+        small_head(out_dim=0)
