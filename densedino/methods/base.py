@@ -1,0 +1,81 @@
+"""What every self-supervised method plugs into the shared trainer.
+
+A method owns its networks (student, and a teacher if it has one) and its losses, and says how a
+batch of views turns into losses. The trainer (``densedino.train``) only calls the four methods of
+:class:`SSLMethod`; it knows nothing about any particular method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class StepState:
+    """Schedule values for one training iteration, set by the trainer before the step."""
+
+    epoch: int = 0
+    iteration: int = 0
+    teacher_temp: float = 0.04
+    momentum: float = 0.996
+
+
+class SSLMethod(nn.Module):
+    """Base class of a method: ``student`` is trained, ``teacher`` follows it by EMA.
+
+    A method without a teacher sets ``self.teacher = None`` (no class-level default: it would
+    shadow the submodule that ``nn.Module`` registers).
+    """
+
+    student: nn.Module
+    teacher: nn.Module | None
+
+    def compute_losses(self, batch: dict, state: StepState) -> dict[str, Tensor]:
+        """Return ``{'loss': differentiable total, **detached parts and diagnostics}``."""
+        raise NotImplementedError
+
+    def last_layers(self) -> Iterator[nn.Module]:
+        """Modules whose gradients are cancelled while the last layer is frozen (DINO)."""
+        return iter(())
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the student's parameters into the teacher's (no-op without a teacher)."""
+        if self.teacher is None:
+            return
+        student = dict(self.student.named_parameters())
+        for name, param_t in self.teacher.named_parameters():
+            param_t.mul_(momentum).add_(student[name].detach(), alpha=1.0 - momentum)
+
+    def export_backbone(self) -> nn.Module:
+        """The backbone to evaluate and serve (the teacher's when there is one, as DINO does)."""
+        owner = self.teacher if self.teacher is not None else self.student
+        return owner.backbone
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the student with the same weights (and no stochastic depth)."""
+    teacher = copy.deepcopy(student)
+    for module in teacher.modules():
+        if hasattr(module, "drop_prob"):  # timm DropPath
+            module.drop_prob = 0.0
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def resolution_groups(views: Sequence[Tensor]) -> list[tuple[int, int]]:
+    """Runs ``[start, end)`` of consecutive views with the same size, batched in one forward
+    pass as DINO's MultiCropWrapper does."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups

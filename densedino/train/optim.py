@@ -1,0 +1,36 @@
+"""Optimizer construction: DINO's two parameter groups over the student only."""
+
+from __future__ import annotations
+
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
+from torch import nn
+
+from densedino.train.hooks import unwrap
+
+
+def dino_param_groups(student: nn.Module) -> list[dict]:
+    """Weight decay on weights only: biases and 1-D parameters (norms, tokens' ...) get none.
+    Frozen parameters (the teacher, a frozen ``weight_g``) are left out."""
+    decay, no_decay = [], []
+    for name, param in student.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or param.ndim == 1 else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class DINOOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """Builds ``optim_wrapper.optimizer`` on :func:`dino_param_groups` of the method's student.
+
+    Group 0 is the regularised one (:class:`DINOScheduleHook` drives its weight decay).
+    """
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        optimizer_cfg = dict(self.optimizer_cfg)
+        optimizer_cfg["params"] = dino_param_groups(unwrap(model).method.student)
+        optimizer = OPTIMIZERS.build(optimizer_cfg)
+        wrapper_cfg = dict(self.optim_wrapper_cfg)
+        wrapper_cfg.setdefault("type", "OptimWrapper")
+        return OPTIM_WRAPPERS.build(wrapper_cfg, default_args={"optimizer": optimizer})

@@ -1,0 +1,133 @@
+"""Method plug-ins: DINO and DenseDINO on real multi-view batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.methods.base import StepState
+from densedino.methods.densedino import DenseDINO
+from densedino.methods.dino import DINO, forward_views
+from densedino.train.hooks import dino_schedule, teacher_temperature
+
+SMALL = dict(
+    arch="vit_tiny",
+    patch_size=8,
+    out_dim=64,
+    head=dict(hidden_dim=32, bottleneck_dim=16),
+    drop_path_rate=0.0,
+    backbone=dict(img_size=32, depth=2),
+)
+VIEWS = ViewConfig(
+    num_global=2, global_size=32, num_local=2, local_size=16, num_points=3, photometric=False
+)
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    transform = MultiViewTransform(VIEWS)
+    images = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8, generator=generator)
+    return collate_views([transform(img, generator=generator) for img in images])
+
+
+def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
+    torch.manual_seed(0)
+    dense = DenseDINO(**SMALL, alpha=0.5)
+    dino = DINO(**SMALL)
+    dino.load_state_dict(dense.state_dict(), strict=False)  # same backbone and CLS head
+    state = StepState(teacher_temp=0.04)
+    out_dense = dense.compute_losses(batch, state)
+    out_dino = dino.compute_losses(batch, state)
+    torch.testing.assert_close(out_dense["loss_cls"], out_dino["loss_cls"], atol=1e-5, rtol=0)
+    expected = 0.5 * out_dense["loss_cls"] + 0.5 * out_dense["loss_ref"]
+    torch.testing.assert_close(out_dense["loss"].detach(), expected)
+    assert out_dense["loss"].requires_grad and math.isfinite(out_dense["loss"].item())
+
+
+def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
+    method = DenseDINO(**SMALL)
+    num_views = len(batch["views"])
+    teacher, student = method.partners(num_views)
+    points = batch["points"]
+    for iq, v in method.ref_loss_pairs(num_views):
+        # What the method feeds the two sides of pair (iq, v) ...
+        t_side = points[:, iq, teacher[iq]][:, teacher[iq].index(v)]
+        s_side = points[:, v, student[v]][:, student[v].index(iq)]
+        # ... is that pair's points in each view's own frame (the views test checks that those
+        # decode to the same image location).
+        torch.testing.assert_close(t_side, points[:, iq, v])
+        torch.testing.assert_close(s_side, points[:, v, iq])
+        assert not torch.isnan(t_side).any() and not torch.isnan(s_side).any()
+    assert len(method.ref_loss_pairs(num_views)) == 2 * (num_views - 1)
+
+
+def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None:
+    torch.manual_seed(0)
+    backbone = DenseDINO(**SMALL).student.backbone.eval()
+    views = batch["views"][:2]
+    short = batch["points"][:, 0, [1]].flatten(1, 2)
+    long = batch["points"][:, 1, [0, 2, 3]].flatten(1, 2)
+    _, refs = forward_views(backbone, views, [short, long])
+    alone = backbone.forward_features(views[0], short)["ref"]
+    assert refs[0].shape == (*short.shape[:2], backbone.embed_dim)
+    torch.testing.assert_close(refs[0], alone, atol=1e-5, rtol=0)
+
+
+def test_alpha_zero_trains_the_reference_loss_only(batch: dict) -> None:
+    method = DenseDINO(**SMALL, alpha=0.0)
+    out = method.compute_losses(batch, StepState())
+    torch.testing.assert_close(out["loss"].detach(), out["loss_ref"])
+    out["loss"].backward()
+    assert method.student.head.mlp[0].weight.grad is None
+    assert method.student.ref_head.mlp[0].weight.grad is not None
+
+
+def test_teacher_is_an_ema_of_the_student() -> None:
+    method = DINO(**SMALL)
+    teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(1.0)
+    method.update_teacher(0.9)
+    student = method.student.state_dict()
+    for name, param in method.teacher.named_parameters():
+        torch.testing.assert_close(param, 0.9 * teacher_before[name] + 0.1 * student[name])
+        assert not param.requires_grad
+
+
+def test_centers_move_only_after_the_loss(batch: dict) -> None:
+    method = DenseDINO(**SMALL)
+    assert method.dino_loss.center.abs().sum() == 0 and method.ref_loss.center.abs().sum() == 0
+    method.compute_losses(batch, StepState())
+    assert method.dino_loss.center.abs().sum() > 0 and method.ref_loss.center.abs().sum() > 0
+
+
+def dino_cosine_scheduler(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0):
+    """facebookresearch/dino utils.cosine_scheduler, verbatim in numpy."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup, base, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 3])
+def test_schedules_equal_dino(warmup_epochs: int) -> None:
+    epochs, per_epoch = 7, 5
+    total = epochs * per_epoch
+    expected = dino_cosine_scheduler(1e-3, 1e-6, epochs, per_epoch, warmup_epochs)
+    ours = [dino_schedule(1e-3, 1e-6, total, i, warmup_epochs * per_epoch) for i in range(total)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_teacher_temperature_warmup_equals_dino() -> None:
+    expected = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
+    ours = [teacher_temperature(0.04, 0.07, 30, epoch) for epoch in range(100)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12)
