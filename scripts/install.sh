@@ -31,7 +31,7 @@ pip_install torch torchvision
 if ! "$PY" -c 'import mmcv.ops' >/dev/null 2>&1; then
     log "mmcv (full, with ops)"
     # mmcv's setup.py imports pkg_resources, gone from setuptools >= 70.
-    pip_install "setuptools<70" wheel ninja opencv-python-headless mmengine
+    pip_install "setuptools<70" wheel ninja mmengine
     wheel=$(PYTHON="$PY" scripts/build_mmcv.sh)
     pip_install "$wheel"
 fi
