@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from densedino.losses.centering import Center
 
-__all__ = ["DINOLoss", "default_pairs", "teacher_probs"]
+__all__ = ["CenteredLoss", "DINOLoss", "default_pairs", "teacher_probs"]
 
 
 def check_temperature(name: str, value: float) -> None:
@@ -34,7 +34,23 @@ def default_pairs(num_teacher: int, num_student: int) -> list[tuple[int, int]]:
     return [(iq, v) for iq in range(num_teacher) for v in range(num_student) if v != iq]
 
 
-class DINOLoss(nn.Module):
+class CenteredLoss(nn.Module):
+    """What DINO-style losses share: prototypes, a student temperature and their own center."""
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        check_temperature(f"{type(self).__name__}: student_temp", student_temp)
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.centering = Center(out_dim, center_momentum)
+
+    @property
+    def center(self) -> Tensor:
+        """The current center [1, out_dim]."""
+        return self.centering.center
+
+
+class DINOLoss(CenteredLoss):
     """Cross-entropy between centered/sharpened teacher and student distributions.
 
     For each pair (iq, v): ``-sum_c softmax((t_iq - center) / tau_t) * log_softmax(s_v / tau_s)``,
@@ -45,18 +61,6 @@ class DINOLoss(nn.Module):
         student_temp: Student temperature tau_s.
         center_momentum: EMA momentum of the teacher center.
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        check_temperature("DINOLoss: student_temp", student_temp)
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = Center(out_dim, center_momentum)
-
-    @property
-    def center(self) -> Tensor:
-        """The current center [1, out_dim]."""
-        return self.centering.center
 
     def forward(
         self,

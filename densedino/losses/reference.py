@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from densedino.losses.centering import Center
-from densedino.losses.dino import check_temperature, teacher_probs
+from densedino.losses.dino import CenteredLoss, check_temperature, teacher_probs
 
 __all__ = ["ReferenceLoss", "combine"]
 
 
-class ReferenceLoss(nn.Module):
+class ReferenceLoss(CenteredLoss):
     """Per-token cross-entropy between teacher and student reference-token distributions.
 
     Args:
@@ -26,18 +25,6 @@ class ReferenceLoss(nn.Module):
         student_temp: Student temperature tau_s.
         center_momentum: EMA momentum of the reference center (separate from the CLS center).
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        check_temperature("ReferenceLoss: student_temp", student_temp)
-        self.out_dim = out_dim
-        self.student_temp = student_temp
-        self.centering = Center(out_dim, center_momentum)
-
-    @property
-    def center(self) -> Tensor:
-        """The current reference center [1, out_dim]."""
-        return self.centering.center
 
     def forward(
         self,
