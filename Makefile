@@ -4,7 +4,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= work_dirs/demo
 
-.PHONY: install demo test lint format clean
+.PHONY: install browser demo test lint format clean
 
 install: $(STAMP)
 
@@ -12,10 +12,13 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/build_mmcv.s
 	scripts/install.sh
 	@touch $@
 
+browser:
+	scripts/install_browser.sh
+
 demo: install
 	$(PY) -m densedino.cli.pipeline --work-dir $(DEMO_DIR)
 
-test: install lint
+test: install browser lint
 	$(PY) -m pytest
 
 lint: install
