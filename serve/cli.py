@@ -1,0 +1,110 @@
+"""`densedino-serve`: HTTP API returning dense features and attention maps of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+API_KEY_ENV = "DENSEDINO_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="densedino-serve",
+        description=(
+            "FastAPI server (uvicorn) returning CLS/patch features and attention maps of a "
+            "backbone: POST /v1/features, POST /v1/attention, GET /v1/model, /healthz, "
+            f"/readyz, /metrics. Set {API_KEY_ENV} to require 'Authorization: Bearer <key>' "
+            "on every route but /healthz and /readyz. API docs at /docs once running."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint",
+        help="backbone file: export/backbone.safetensors, a training checkpoint, timm/DINO weights",
+    )
+    source.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="serve a randomly initialised --arch (for trying the API; /v1/model says so)",
+    )
+    parser.add_argument("--arch", default="vit_small", help="architecture for --random-weights")
+    parser.add_argument("--patch-size", type=int, default=16, help="patch for --random-weights")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument("--max-batch", type=int, default=16, help="images per forward pass")
+    parser.add_argument(
+        "--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=128, help="waiting images before answering 503"
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=16.0, help="request body limit")
+    parser.add_argument(
+        "--max-pixels", type=int, default=4096 * 4096, help="pixels per uploaded image"
+    )
+    parser.add_argument("--max-images", type=int, default=16, help="images per request")
+    parser.add_argument("--max-side", type=int, default=1024, help="longest model input side")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so that --help answers without loading torch.
+    import torch
+    import uvicorn
+
+    from densedino.serve.app import ServeSettings, create_app
+    from densedino.serve.codec import Limits
+    from densedino.serve.loading import load_model
+
+    if args.threads is not None:
+        if args.threads < 1:
+            print("densedino-serve: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model, info = load_model(
+            args.checkpoint,
+            random_weights=args.random_weights,
+            arch=args.arch,
+            patch_size=args.patch_size,
+        )
+        limits = Limits(
+            max_body_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels,
+            max_images=args.max_images,
+            max_side=args.max_side,
+        )
+        settings = ServeSettings(
+            max_batch=args.max_batch,
+            max_delay_ms=args.max_delay_ms,
+            max_queue=args.max_queue,
+            limits=limits,
+            api_key=os.environ.get(API_KEY_ENV) or None,
+            device=args.device,
+            model_info=info,
+        )
+        app = create_app(model, settings=settings)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"densedino-serve: {exc}", file=sys.stderr)
+        return 2
+    if info.random_weights:
+        logging.getLogger("densedino.serve").warning(
+            "serving RANDOM weights (%s): features carry no meaning", args.arch
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""`densedino-demo`: Gradio app showing a backbone's attention and dense features."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from densedino.models.vit import ARCHS, PATCH_SIZES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="densedino-demo",
+        description=(
+            "Gradio app: last-block attention of every head, DINO's mass-threshold masks, a "
+            "PCA of the patch features and, for a clicked point, the attention and similarity "
+            "map of a reference token placed there. Without --checkpoint it runs a randomly "
+            "initialised backbone (labelled as such in the page)."
+        ),
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="backbone weights (backbone.safetensors from training, or any format that "
+        "densedino.weights.load_backbone reads); default: random weights",
+    )
+    parser.add_argument(
+        "--arch",
+        default="vit_small",
+        choices=sorted(ARCHS),
+        help="architecture for random weights (ignored with --checkpoint); default vit_small",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=16,
+        choices=PATCH_SIZES,
+        help="patch size for random weights (ignored with --checkpoint); default 16",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=448,
+        help="longer side of the model input in pixels, rounded to the patch size (default 448)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Load the model, build the app and serve it until interrupted."""
+    args = build_parser().parse_args(argv)
+    # Imported here so that --help stays fast (gradio takes seconds to import).
+    from densedino.serve.demo import Explorer, build_demo, bundled_examples, launch, load_model
+
+    try:
+        device = torch.device(args.device)
+        model, label = load_model(args.checkpoint, args.arch, args.patch_size)
+        explorer = Explorer(model, args.image_size, device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"densedino-demo: {err}", file=sys.stderr)
+        return 2
+    demo = build_demo(explorer, label, bundled_examples())
+    launch(demo, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
