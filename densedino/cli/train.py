@@ -109,6 +109,7 @@ def build_config(args: argparse.Namespace):
     cuda = torch.cuda.is_available()
     if not cuda:
         cfg.env_cfg.dist_cfg.backend = "gloo"
+        cfg.model_wrapper_cfg.device_ids = None  # mmengine's default is [LOCAL_RANK], a GPU id
     if args.amp and cuda:
         dtype = "bfloat16" if args.amp == "bf16" else "float16"
         cfg.optim_wrapper.update(type="AmpOptimWrapper", dtype=dtype)
@@ -128,12 +129,24 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+def init_cpu_process_group(cfg) -> None:
+    """mmengine's ``init_dist`` always calls ``torch.cuda.set_device``; without a GPU the
+    gloo group is started here and mmengine sees it as already initialised."""
+    import torch
+    import torch.distributed as dist
+
+    if cfg.launcher == "pytorch" and not torch.cuda.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+
+
 def run_training(args: argparse.Namespace) -> int:
     from mmengine.runner import Runner
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
 
-    runner = Runner.from_cfg(build_config(args))
+    cfg = build_config(args)
+    init_cpu_process_group(cfg)
+    runner = Runner.from_cfg(cfg)
     runner.train()
     return 0
 
