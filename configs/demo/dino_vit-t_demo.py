@@ -7,10 +7,10 @@ model = dict(
         type="DINO",
         arch="vit_tiny",
         patch_size=8,
-        out_dim=4096,
+        out_dim=2048,
         head=dict(hidden_dim=512, bottleneck_dim=128),
         drop_path_rate=0.0,
         cls_pairs="all",
-        backbone=dict(img_size=64, depth=6),
+        backbone=dict(img_size=48, depth=4),
     )
 )
