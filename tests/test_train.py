@@ -49,6 +49,27 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train
 
 
+KILL_HOOK = """
+import os
+import signal
+
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class KillAtIterHook(Hook):
+    priority = "LOWEST"  # after the checkpoint hook of the same iteration
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
 def write_config(path: Path, data: Path, batch=8, epochs=2, ckpt_every=1, by_epoch=True) -> Path:
     text = TINY_CONFIG.format(
         root=ROOT, data=data, batch=batch, epochs=epochs, ckpt_every=ckpt_every, by_epoch=by_epoch
@@ -120,13 +141,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
     run_train(config, "--work-dir", tmp_path / "straight")
     reference = logged(tmp_path / "straight")
 
+    (tmp_path / "kill_hook.py").write_text(KILL_HOOK)
     killer = tmp_path / "killer.py"
     killer.write_text(
         f"_base_ = ['{config}']\n"
-        "custom_imports = dict(imports=['densedino.train', 'tests.helpers.kill_hook'])\n"
+        "custom_imports = dict(imports=['densedino.train', 'kill_hook'])\n"
         "custom_hooks = [dict(type='KillAtIterHook', iteration=10)]\n"
     )
-    killed = run_train(killer, "--work-dir", tmp_path / "resumed", check=False)
+    env = {"PYTHONPATH": str(tmp_path)}
+    killed = run_train(killer, "--work-dir", tmp_path / "resumed", env=env, check=False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert find_resume_checkpoint(tmp_path / "resumed").name == "iter_8.pth"
 
