@@ -1,4 +1,4 @@
-"""Evaluation of frozen backbones: weighted k-NN (FAISS) and, later, the segmentation probe.
+"""Evaluation of frozen backbones: weighted k-NN (FAISS) and the segmentation probe (``seg``).
 
 Installed as ``densedino.evaluation`` (``evaluation/`` in the repository).
 """

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from densedino.evaluation.knn_cli import add_knn_subcommand
+from densedino.evaluation.seg.cli import add_seg_subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,18 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="densedino-eval",
         description="Evaluate a frozen backbone (any checkpoint densedino.load_backbone reads): "
         "`knn` = DINO's weighted k-NN on an ImageNet-style folder with FAISS; `seg` = the "
-        "Pascal VOC linear probe on mmsegmentation (not built yet).",
+        "Pascal VOC linear probe (Leopart protocol, or DINOv2's linear-bn) on mmsegmentation.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{knn,seg}")
     add_knn_subcommand(sub)
-    seg = sub.add_parser("seg", help="Pascal VOC linear probe (not built yet)")
-    seg.set_defaults(func=_seg_not_built)
+    add_seg_subcommand(sub)
     return parser
-
-
-def _seg_not_built(args: argparse.Namespace) -> int:
-    print("densedino-eval seg: not built yet (issue 7: mmsegmentation linear probe)")
-    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

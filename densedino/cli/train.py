@@ -129,23 +129,14 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
-def init_cpu_process_group(cfg) -> None:
-    """mmengine's ``init_dist`` always calls ``torch.cuda.set_device``; without a GPU the
-    gloo group is started here and mmengine sees it as already initialised."""
-    import torch
-    import torch.distributed as dist
-
-    if cfg.launcher == "pytorch" and not torch.cuda.is_available() and not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-
-
 def run_training(args: argparse.Namespace) -> int:
     from mmengine.runner import Runner
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
+    from densedino.dist import init_cpu_process_group
 
     cfg = build_config(args)
-    init_cpu_process_group(cfg)
+    init_cpu_process_group(cfg.launcher)
     runner = Runner.from_cfg(cfg)
     runner.train()
     return 0

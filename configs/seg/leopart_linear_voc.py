@@ -1,0 +1,90 @@
+# Linear probe of Leopart (Ziegler & Asano, CVPR 2022), as used by DenseDINO (method reference,
+# section 3): frozen backbone, last-layer patch tokens, 1x1 conv to 21 classes.
+# Train on VOC 2012 trainaug: paired RandomResizedCrop 448 (scale 0.8-1) + hflip; features
+# upsampled to 100 x 100 before the conv, labels nearest-resized to 100 x 100, CE ignoring 255;
+# SGD lr 0.01 * batch / 60, momentum 0.9, wd 1e-4, x0.1 at epoch 20, 25 epochs.
+# Test on val: image and labels resized to 448 x 448, logits upsampled to 448, argmax, one
+# confusion matrix over the set, mean IoU over the 21 classes.
+_base_ = ["./_base_/seg_runtime.py"]
+
+data_root = "data/VOCdevkit/VOC2012"
+crop_size = (448, 448)
+train_size = (100, 100)
+num_classes = 21
+
+model = dict(
+    type="EncoderDecoder",
+    data_preprocessor=dict(
+        type="SegDataPreProcessor",
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_val=0,
+        seg_pad_val=255,
+        size=crop_size,
+    ),
+    backbone=dict(type="FrozenViTBackbone", checkpoint=None, arch=None, which="teacher"),
+    decode_head=dict(
+        type="LinearProbeHead",
+        in_channels=384,  # set from the checkpoint by densedino-eval seg
+        num_classes=num_classes,
+        train_size=train_size,
+        init_cfg=None,  # PyTorch's default Conv2d init, as Leopart's nn.Conv2d
+        loss_decode=dict(
+            type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True
+        ),
+    ),
+    train_cfg=dict(),
+    test_cfg=dict(mode="whole"),
+)
+
+train_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations"),
+    dict(type="PairedRandomResizedCrop", size=crop_size, scale=(0.8, 1.0)),
+    dict(type="RandomFlip", prob=0.5),
+    dict(type="PackSegInputs"),
+]
+test_pipeline = [
+    dict(type="LoadImageFromFile"),
+    dict(type="LoadAnnotations"),
+    # Pillow, as Leopart's torchvision resize of PIL images (image bilinear, labels nearest).
+    dict(type="Resize", scale=crop_size, keep_ratio=False, backend="pillow"),
+    dict(type="ScoreAtInputSize"),
+    dict(type="PackSegInputs"),
+]
+train_dataloader = dict(
+    batch_size=60,  # per process; the lr is scaled by the total batch (auto_scale_lr)
+    num_workers=8,
+    persistent_workers=True,
+    drop_last=True,
+    sampler=dict(type="DefaultSampler", shuffle=True),
+    dataset=dict(
+        type="PascalVOCDataset",
+        data_root=data_root,
+        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassAug"),
+        ann_file="ImageSets/Segmentation/trainaug.txt",
+        pipeline=train_pipeline,
+    ),
+)
+test_dataloader = dict(
+    batch_size=8,
+    num_workers=4,
+    persistent_workers=False,
+    sampler=dict(type="DefaultSampler", shuffle=False),
+    dataset=dict(
+        type="PascalVOCDataset",
+        data_root=data_root,
+        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClass"),
+        ann_file="ImageSets/Segmentation/val.txt",
+        pipeline=test_pipeline,
+    ),
+)
+
+train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=25)
+optim_wrapper = dict(
+    type="OptimWrapper", optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=1e-4)
+)
+auto_scale_lr = dict(enable=True, base_batch_size=60)  # lr = 0.01 * total batch / 60
+param_scheduler = [dict(type="MultiStepLR", by_epoch=True, milestones=[20], gamma=0.1)]
+log_processor = dict(by_epoch=True)
