@@ -1,4 +1,5 @@
-"""The main job on the built-in data (`make demo`): data -> pretraining -> k-NN -> results.
+"""The main job on the built-in data (`make demo`): data -> pretraining -> k-NN and VOC probe ->
+results.
 
 Every stage is the user-facing command it stands for (`densedino-data`, `densedino-train`,
 `densedino-eval`), run as a subprocess so its logs and progress show as they would by hand.
@@ -28,7 +29,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m densedino.cli.pipeline",
         description="Run the main job on the built-in data: generate the dataset, pretrain DINO "
         "and DenseDINO with the same budget, evaluate both (and a random-init baseline) with "
-        "k-NN, and write a results table. Finished stages are reused when run again.",
+        "k-NN and the VOC linear probe, and write a results table. Finished stages are reused "
+        "when run again.",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/demo"))
     parser.add_argument("--num-images", type=int, default=2000)
@@ -97,17 +99,30 @@ def knn(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> di
     return json.loads(out.read_text())["results"]
 
 
-def write_results(args: argparse.Namespace, knn_results: dict[str, dict]) -> Path:
-    rows = [
-        (name, *(results[str(k)]["top1"] for k in KNN_K)) for name, results in knn_results.items()
-    ]
+def seg(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> dict:
+    """The VOC-layout linear probe (`demo` protocol); reused while newer than the checkpoint."""
+    out = args.work_dir / "eval" / f"seg_{name}.json"
+    if not (out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime):
+        run(
+            [sys.executable, "-m", "densedino.evaluation.cli", "seg", "--checkpoint",
+             str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--protocol", "demo",
+             "--seed", str(args.seed), "--work-dir", str(args.work_dir / "eval" / f"seg_{name}"),
+             "--out", str(out)]
+        )  # fmt: skip
+    return json.loads(out.read_text())
+
+
+def write_results(args: argparse.Namespace, knn_results: dict, seg_results: dict) -> Path:
     header = "| model | " + " | ".join(f"k-NN top-1 (k={k})" for k in KNN_K) + " | VOC mIoU |"
     lines = [header, "|---" * (len(KNN_K) + 2) + "|"]
-    lines += ["| " + " | ".join([r[0], *(f"{v:.2f}" for v in r[1:]), "not built yet"]) + " |"
-              for r in rows]  # fmt: skip
+    for name, results in knn_results.items():
+        cells = [f"{results[str(k)]['top1']:.2f}" for k in KNN_K]
+        cells.append(f"{seg_results[name]['mIoU']:.2f}")
+        lines.append("| " + " | ".join([name, *cells]) + " |")
     table = "\n".join(lines)
     (args.work_dir / "results.md").write_text(table + "\n")
-    (args.work_dir / "results.json").write_text(json.dumps({"knn": knn_results}, indent=2))
+    summary = {"knn": knn_results, "seg_miou": {k: v["mIoU"] for k, v in seg_results.items()}}
+    (args.work_dir / "results.json").write_text(json.dumps(summary, indent=2))
     print(table)
     return args.work_dir / "results.md"
 
@@ -125,10 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     baseline = args.work_dir / "random_init" / "backbone.safetensors"
     baseline = random_init_like(checkpoints["densedino"], baseline, args.seed)
     checkpoints = {"random-init": baseline, **checkpoints}
-    stage("3/4 k-NN evaluation")
-    results = {name: knn(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
+    stage("3/4 evaluation: k-NN and VOC linear probe")
+    knn_results = {name: knn(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
+    seg_results = {name: seg(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
     stage("4/4 results")
-    table = write_results(args, results)
+    table = write_results(args, knn_results, seg_results)
     print(f"\nresults: {table} and {table.with_suffix('.json')}; total {time.time() - start:.0f} s")
     best = checkpoints["densedino"]
     print(f"\nserve the DenseDINO backbone:  .venv/bin/densedino-serve --checkpoint {best}")
