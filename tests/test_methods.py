@@ -131,3 +131,23 @@ def test_teacher_temperature_warmup_equals_dino() -> None:
     expected = np.concatenate((np.linspace(0.04, 0.07, 30), np.ones(70) * 0.07))
     ours = [teacher_temperature(0.04, 0.07, 30, epoch) for epoch in range(100)]
     np.testing.assert_allclose(ours, expected, rtol=1e-12)
+
+
+def test_train_step_freezes_the_last_layer_in_epoch_zero(batch: dict) -> None:
+    from mmengine.optim import OptimWrapper
+
+    from densedino.train.model import SSLModel
+    from densedino.train.optim import dino_param_groups
+
+    model = SSLModel(method=dict(type="DenseDINO", **SMALL), freeze_last_layer=1)
+    optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2)
+    wrapper = OptimWrapper(optimizer)
+    heads = [model.method.student.head, model.method.student.ref_head]
+    for epoch, frozen in ((0, True), (1, False)):
+        before = [h.last_layer.weight_v.clone() for h in heads]
+        mlp_before = heads[0].mlp[0].weight.clone()
+        model.state = StepState(epoch=epoch)
+        model.train_step(dict(batch), wrapper)
+        for head, old in zip(heads, before, strict=True):
+            assert torch.equal(head.last_layer.weight_v, old) == frozen, epoch
+        assert not torch.equal(heads[0].mlp[0].weight, mlp_before)  # the rest trains

@@ -8,7 +8,7 @@ batch of views turns into losses. The trainer (``densedino.train``) only calls t
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +39,9 @@ class SSLMethod(nn.Module):
         """Return ``{'loss': differentiable total, **detached parts and diagnostics}``."""
         raise NotImplementedError
 
-    def last_layers(self) -> Iterator[nn.Module]:
-        """Modules whose gradients are cancelled while the last layer is frozen (DINO)."""
-        return iter(())
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the gradients of what stays frozen in the first epochs (DINO: the heads' last
+        layers); called between backward and the optimizer step. Default: nothing."""
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from densedino.losses import DINOLoss, default_pairs
 from densedino.methods.base import SSLMethod, StepState, make_teacher, resolution_groups
-from densedino.models.heads import DINOHead
+from densedino.models.heads import DINOHead, cancel_last_layer_gradients
 from densedino.models.vit import VisionTransformer, build_backbone
 
 PairMode = Literal["all", "global"]
@@ -123,8 +123,8 @@ class DINO(SSLMethod):
         """The heads on the backbone; subclasses add theirs."""
         return {"head": DINOHead(dim, out_dim, **head_kw)}
 
-    def last_layers(self) -> Iterator[nn.Module]:
-        return (m.last_layer for m in self.student.modules() if isinstance(m, DINOHead))
+    def cancel_last_layer_gradients(self) -> None:
+        cancel_last_layer_gradients(self.student)
 
     def pairs(self, num_views: int) -> list[tuple[int, int]]:
         """(teacher view, student view) pairs of the CLS loss."""

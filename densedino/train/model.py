@@ -83,9 +83,7 @@ def ssl_train_step(
             scaler.unscale_(optim_wrapper.optimizer)
         clip_gradients(student, model.clip_grad)
     if model.state.epoch < model.freeze_last_layer:
-        for layer in model.method.last_layers():
-            for param in layer.parameters():
-                param.grad = None
+        model.method.cancel_last_layer_gradients()
     optim_wrapper.step()
     optim_wrapper.zero_grad()
     model.method.update_teacher(model.state.momentum)
