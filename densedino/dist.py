@@ -14,3 +14,15 @@ def init_cpu_process_group(launcher: str) -> None:
     """
     if launcher == "pytorch" and not torch.cuda.is_available() and not dist.is_initialized():
         dist.init_process_group(backend="gloo")
+
+
+def finish_process_group() -> None:
+    """Wait for every rank, then tear the group down (no-op without one).
+
+    A rank that exits while its group is alive can abort in gloo's destructor ("terminate
+    called without an active exception"), e.g. a worker rank done before rank 0 has written
+    the results.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

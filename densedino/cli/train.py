@@ -133,12 +133,14 @@ def run_training(args: argparse.Namespace) -> int:
     from mmengine.runner import Runner
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
-    from densedino.dist import init_cpu_process_group
+    from densedino.dist import finish_process_group, init_cpu_process_group
 
     cfg = build_config(args)
     init_cpu_process_group(cfg.launcher)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        Runner.from_cfg(cfg).train()
+    finally:
+        finish_process_group()
     return 0
 
 
