@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 import torch.distributed as dist
 
@@ -26,3 +30,21 @@ def finish_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def finishes_process_group(entry: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a command's entry point so that every rank runs
+    :func:`finish_process_group` when it returns or raises."""
+
+    @functools.wraps(entry)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return entry(*args, **kwargs)
+        finally:
+            finish_process_group()
+
+    return wrapper

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from densedino.dist import finish_process_group
+from densedino.dist import finishes_process_group
 from densedino.evaluation.features import (
     DINO_CROP,
     DINO_RESIZE,
@@ -348,7 +348,8 @@ def _header(result: Mapping[str, Any]) -> str:
     )
 
 
-def report_knn(args: argparse.Namespace) -> int:
+@finishes_process_group
+def run_knn(args: argparse.Namespace) -> int:
     """Entry point of `densedino-eval knn`: table on stdout, JSON in --out; exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our progress messages only: FAISS' loader is chatty at INFO.
@@ -373,15 +374,6 @@ def report_knn(args: argparse.Namespace) -> int:
     args.out.write_text(json.dumps(result, indent=2))
     print(f"results written to {args.out}")
     return 0
-
-
-def run_knn(args: argparse.Namespace) -> int:
-    """Entry point of `densedino-eval knn`; under torchrun every rank waits for the others
-    before exiting (see :func:`densedino.dist.finish_process_group`)."""
-    try:
-        return report_knn(args)
-    finally:
-        finish_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from densedino.dist import finishes_process_group
+
 EPILOG = """examples:
   densedino-train configs/demo/densedino_vit-t_demo.py --work-dir work_dirs/demo/densedino
   densedino-train configs/densedino/densedino_vit-s16_4x224_300e.py \\
@@ -129,18 +131,16 @@ def build_config(args: argparse.Namespace):
     return cfg
 
 
+@finishes_process_group
 def run_training(args: argparse.Namespace) -> int:
     from mmengine.runner import Runner
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
-    from densedino.dist import finish_process_group, init_cpu_process_group
+    from densedino.dist import init_cpu_process_group
 
     cfg = build_config(args)
     init_cpu_process_group(cfg.launcher)
-    try:
-        Runner.from_cfg(cfg).train()
-    finally:
-        finish_process_group()
+    Runner.from_cfg(cfg).train()
     return 0
 
 

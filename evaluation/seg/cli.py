@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from densedino.dist import finish_process_group
+from densedino.dist import finishes_process_group
 
 PROG = "densedino-eval seg"
 DEFAULT_GRID_IMAGES = 8
@@ -285,7 +285,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     return result
 
 
-def report_seg(args: argparse.Namespace) -> int:
+@finishes_process_group
+def run_seg(args: argparse.Namespace) -> int:
     """Entry point of `densedino-eval seg`: table on stdout, JSON in --out; exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -303,15 +304,6 @@ def report_seg(args: argparse.Namespace) -> int:
         print(f"grid: {result['grid']}")
     print(f"results written to {result['results_json']}")
     return 0
-
-
-def run_seg(args: argparse.Namespace) -> int:
-    """Entry point of `densedino-eval seg`; under torchrun every rank waits for the others
-    before exiting (see :func:`densedino.dist.finish_process_group`)."""
-    try:
-        return report_seg(args)
-    finally:
-        finish_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
