@@ -11,17 +11,7 @@ crop_size = (512, 512)
 num_classes = 21
 
 model = dict(
-    type="EncoderDecoder",
-    data_preprocessor=dict(
-        type="SegDataPreProcessor",
-        mean=[123.675, 116.28, 103.53],
-        std=[58.395, 57.12, 57.375],
-        bgr_to_rgb=True,
-        pad_val=0,
-        seg_pad_val=255,
-        size=crop_size,
-    ),
-    backbone=dict(type="FrozenViTBackbone", checkpoint=None, arch=None, which="teacher"),
+    data_preprocessor=dict(size=crop_size),
     decode_head=dict(
         type="LinearProbeHead",
         in_channels=384,  # set from the checkpoint by densedino-eval seg
@@ -29,7 +19,6 @@ model = dict(
         norm_cfg=dict(type="SyncBN", requires_grad=True),  # plain BN outside torchrun
         loss_decode=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
     ),
-    train_cfg=dict(),
     test_cfg=dict(mode="slide", crop_size=crop_size, stride=(341, 341)),
 )
 

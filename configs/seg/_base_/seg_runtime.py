@@ -12,6 +12,22 @@ custom_imports = dict(
     allow_failed_imports=False,
 )
 
+# mmseg's EncoderDecoder on our frozen backbone; each protocol adds its input size, decode head
+# and test mode.
+model = dict(
+    type="EncoderDecoder",
+    data_preprocessor=dict(
+        type="SegDataPreProcessor",
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=True,
+        pad_val=0,
+        seg_pad_val=255,
+    ),
+    backbone=dict(type="FrozenViTBackbone", checkpoint=None, arch=None, which="teacher"),
+    train_cfg=dict(),
+)
+
 env_cfg = dict(
     cudnn_benchmark=False,
     mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
