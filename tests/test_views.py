@@ -377,6 +377,23 @@ def test_photometric_changes_pixels_not_geometry() -> None:
     assert not torch.allclose(a["views"][0], b["views"][0])
 
 
+def test_grayscale_p_one_makes_every_view_grey() -> None:
+    image = torch.randint(
+        0, 256, (3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    cfg = ViewConfig(num_local=2, global_size=48, local_size=32, grayscale_p=1.0, hue=0.5)
+    out = MultiViewTransform(cfg)(image, torch.Generator().manual_seed(1))
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    for view in out["views"]:
+        pixels = view * std + mean
+        torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pixels[1], pixels[2], atol=1e-5, rtol=0)
+    coloured = MultiViewTransform(ViewConfig(num_local=2, global_size=48, local_size=32))
+    first = coloured(image, torch.Generator().manual_seed(1))["views"][0] * std + mean
+    assert (first[0] - first[1]).abs().max() > 0.05  # the check above can fail
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.7, 1.3, 2.0])
 def test_gaussian_blur_matches_torchvision(sigma: float) -> None:
     img = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(0))
@@ -454,6 +471,8 @@ def test_presets() -> None:
         ({"min_intersection": 1.0}, "min_intersection"),
         ({"min_intersection_global": -0.1}, "min_intersection_global"),
         ({"flip_p": 1.5}, "flip_p"),
+        ({"grayscale_p": -0.1}, "grayscale_p"),
+        ({"hue": 0.6}, "hue"),
         ({"std": (0.2, 0.2, 0.0)}, "std"),
         ({"mean": (0.5, 0.5)}, "mean"),
     ],

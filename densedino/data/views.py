@@ -92,6 +92,9 @@ class ViewConfig:
 
     ``num_points`` is K: ``random`` draws K points per pair, ``grid`` takes the K x K cell centres
     of the overlap box (row-major, x fastest), so K * K points per pair.
+
+    ``hue`` (maximum hue shift, a fraction of the colour wheel) and ``grayscale_p`` default to
+    DINO's 0.1 and 0.2; data whose colours carry no meaning can ask for stronger ones.
     """
 
     num_global: int = 2
@@ -109,6 +112,8 @@ class ViewConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     photometric: bool = True
+    hue: float = _HUE
+    grayscale_p: float = _GRAYSCALE_P
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -148,8 +153,13 @@ class ViewConfig:
         for name in ("min_intersection", "min_intersection_global"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 <= self.flip_p <= 1.0:
-            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
+        for name in ("flip_p", "grayscale_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(
+                f"hue must be in [0, 0.5] (a fraction of the colour wheel), got {self.hue}"
+            )
         if any(s <= 0.0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
@@ -445,8 +455,8 @@ def adjust_hue(img: Tensor, shift: float) -> Tensor:
     return maxc - chroma * weight
 
 
-def _color_jitter(img: Tensor, draws: list[float], order: list[int]) -> Tensor:
-    """DINO's ColorJitter(0.4, 0.4, 0.2, 0.1) with factors from ``draws`` (4 uniforms)."""
+def _color_jitter(img: Tensor, draws: list[float], order: list[int], hue: float) -> Tensor:
+    """DINO's ColorJitter(0.4, 0.4, 0.2, hue) with factors from ``draws`` (4 uniforms)."""
     for op in order:
         if op == 0:
             img = TF.adjust_brightness(img, 1 + _BRIGHTNESS * (2 * draws[0] - 1))
@@ -455,19 +465,21 @@ def _color_jitter(img: Tensor, draws: list[float], order: list[int]) -> Tensor:
         elif op == 2:
             img = TF.adjust_saturation(img, 1 + _SATURATION * (2 * draws[2] - 1))
         else:
-            img = adjust_hue(img, _HUE * (2 * draws[3] - 1))
+            img = adjust_hue(img, hue * (2 * draws[3] - 1))
     return img
 
 
-def _photometric(img: Tensor, draws: list[float], order: list[int], recipe: _Recipe) -> Tensor:
+def _photometric(
+    img: Tensor, draws: list[float], order: list[int], recipe: _Recipe, cfg: ViewConfig
+) -> Tensor:
     """Jitter, grayscale, blur and solarize a float view in [0, 1] as DINO does.
 
     ``draws``: [jitter?, brightness, contrast, saturation, hue, grayscale?, blur?, sigma,
     solarize?] (9 values, each U[0, 1)).
     """
     if draws[0] < _JITTER_P:
-        img = _color_jitter(img, draws[1:5], order)
-    if draws[5] < _GRAYSCALE_P:
+        img = _color_jitter(img, draws[1:5], order, cfg.hue)
+    if draws[5] < cfg.grayscale_p:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
     if draws[6] < recipe.blur_p:
         sigma = _SIGMA_RANGE[0] + (_SIGMA_RANGE[1] - _SIGMA_RANGE[0]) * draws[7]
@@ -556,7 +568,7 @@ class MultiViewTransform:
                 view = TF.horizontal_flip(view)
             view = view.float().div_(255.0)
             if cfg.photometric:
-                view = _photometric(view, draws[v], orders[v], self._recipes[v])
+                view = _photometric(view, draws[v], orders[v], self._recipes[v], cfg)
             # contiguous(): an un-resized crop keeps the image's pixel-interleaved strides.
             views.append(((view - self._mean) / self._std).contiguous())
         points = reference_points(
