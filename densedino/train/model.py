@@ -16,11 +16,10 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, MODELS
 from torch import Tensor, nn
 
+from densedino.methods import METHODS
 from densedino.methods.base import SSLMethod, StepState
-from densedino.methods.densedino import DenseDINO
-from densedino.methods.dino import DINO
 
-for _method in (DINO, DenseDINO):
+for _method in METHODS:
     MODELS.register_module(module=_method)
 
 
