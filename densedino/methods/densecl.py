@@ -16,7 +16,9 @@ Read from the authors' code (WXinlong/DenseCL ``openselfsup/models/densecl.py``,
   per key image, the mean of its dense projections (normalised), not individual locations.
 - ``L = (1 - lambda) L_global + lambda L_dense``, lambda 0.5. Both queues are filled with the
   current keys after the loss (gathered from every rank).
-- The query encoder is the one evaluated (``export_backbone``), as DenseCL's ``self.backbone``.
+- The query encoder is the one evaluated (``export_backbone``, used by the end-of-training
+  export), as DenseCL's ``self.backbone``. Loaders of training checkpoints pick the teacher by
+  default: use ``which='student'`` (``densedino-train export --which student``) for DenseCL.
 
 For a ViT: the locations are the final-norm patch tokens; the global feature is the CLS token
 (``global_feature='cls'``, default) or the mean patch token (``'mean'``, the ResNet recipe's
