@@ -1,9 +1,10 @@
 """The main job on the built-in data (`make demo`): data -> pretraining -> k-NN and VOC probe ->
-results.
+results -> figures.
 
 Every stage is the user-facing command it stands for (`densedino-data`, `densedino-train`,
 `densedino-eval`), run as a subprocess so its logs and progress show as they would by hand.
-Re-running continues where it stopped: finished stages are reused.
+Re-running continues where it stopped: finished stages are reused. The figures
+(`densedino.plots`) are drawn again every time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ METHODS = {
     "densedino": "configs/demo/densedino_vit-t_demo.py",
 }
 KNN_K = (10, 20)
+SEG_CONFIG = "configs/seg/leopart_linear_demo.py"  # the seg probe's `demo` protocol
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -29,14 +31,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m densedino.cli.pipeline",
         description="Run the main job on the built-in data: generate the dataset, pretrain DINO "
         "and DenseDINO with the same budget, evaluate both (and a random-init baseline) with "
-        "k-NN and the VOC linear probe, and write a results table. Finished stages are reused "
-        "when run again.",
+        "k-NN and the VOC linear probe, and write a results table and figures. Finished stages "
+        "are reused when run again.",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/demo"))
     parser.add_argument("--num-images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="override the demo configs' epochs")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--seg-epochs",
+        type=int,
+        help="override the VOC probe's epochs (default: the demo protocol's)",
+    )
+    parser.add_argument(
+        "--figure-images",
+        type=int,
+        default=4,
+        help="val images in figures/attention_maps.png",
+    )
+    args = parser.parse_args(argv)
+    for name in ("num_images", "epochs", "seg_epochs", "figure_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
 
 
 def stage(title: str) -> None:
@@ -45,7 +63,9 @@ def stage(title: str) -> None:
 
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
+    print(f"({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def make_data(args: argparse.Namespace) -> Path:
@@ -99,31 +119,55 @@ def knn(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> di
     return json.loads(out.read_text())["results"]
 
 
+def seg_epochs(args: argparse.Namespace) -> int:
+    """The probe's length: --seg-epochs, else the `demo` protocol's."""
+    if args.seg_epochs:
+        return args.seg_epochs
+    from mmengine.config import Config
+
+    return int(Config.fromfile(REPO / SEG_CONFIG).train_cfg.max_epochs)
+
+
 def seg(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> dict:
-    """The VOC-layout linear probe (`demo` protocol); reused while newer than the checkpoint."""
+    """The VOC-layout linear probe (`demo` protocol); reused while newer than the checkpoint
+    and of the same length."""
     out = args.work_dir / "eval" / f"seg_{name}.json"
-    if not (out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime):
+    epochs = seg_epochs(args)
+    fresh = out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime
+    if not (fresh and json.loads(out.read_text())["schedule"].get("epochs") == epochs):
         run(
             [sys.executable, "-m", "densedino.evaluation.cli", "seg", "--checkpoint",
              str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--protocol", "demo",
-             "--seed", str(args.seed), "--work-dir", str(args.work_dir / "eval" / f"seg_{name}"),
-             "--out", str(out)]
+             "--seed", str(args.seed), "--epochs", str(epochs),
+             "--work-dir", str(args.work_dir / "eval" / f"seg_{name}"), "--out", str(out)]
         )  # fmt: skip
     return json.loads(out.read_text())
 
 
-def write_results(args: argparse.Namespace, knn_results: dict, seg_results: dict) -> Path:
+def results_table(knn_results: dict, seg_results: dict) -> str:
+    """The Markdown table: one row per model, k-NN top-1 for every k and the VOC mIoU."""
     header = "| model | " + " | ".join(f"k-NN top-1 (k={k})" for k in KNN_K) + " | VOC mIoU |"
     lines = [header, "|---" * (len(KNN_K) + 2) + "|"]
     for name, results in knn_results.items():
         cells = [f"{results[str(k)]['top1']:.2f}" for k in KNN_K]
         cells.append(f"{seg_results[name]['mIoU']:.2f}")
         lines.append("| " + " | ".join([name, *cells]) + " |")
-    table = "\n".join(lines)
-    (args.work_dir / "results.md").write_text(table + "\n")
+    return "\n".join(lines)
+
+
+def write_results(
+    args: argparse.Namespace, knn_results: dict, seg_results: dict, figures: Sequence[Path] = ()
+) -> Path:
+    """results.json and results.md (the table, then links to the figures)."""
     summary = {"knn": knn_results, "seg_miou": {k: v["mIoU"] for k, v in seg_results.items()}}
     (args.work_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    print(table)
+    text = results_table(knn_results, seg_results) + "\n"
+    if figures:
+        links = [
+            f"- [{path.name}]({path.relative_to(args.work_dir).as_posix()})" for path in figures
+        ]
+        text += "\nFigures:\n\n" + "\n".join(links) + "\n"
+    (args.work_dir / "results.md").write_text(text)
     return args.work_dir / "results.md"
 
 
@@ -131,21 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    stage("1/4 built-in data")
+    stage("1/5 built-in data")
     data = make_data(args)
     checkpoints = {}
     for name in METHODS:
-        stage(f"2/4 pretraining {name}")
+        stage(f"2/5 pretraining {name}")
         checkpoints[name] = pretrain(args, name, data)
     baseline = args.work_dir / "random_init" / "backbone.safetensors"
     baseline = random_init_like(checkpoints["densedino"], baseline, args.seed)
     checkpoints = {"random-init": baseline, **checkpoints}
-    stage("3/4 evaluation: k-NN and VOC linear probe")
+    stage("3/5 evaluation: k-NN and VOC linear probe")
     knn_results = {name: knn(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
     seg_results = {name: seg(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
-    stage("4/4 results")
+    stage("4/5 results")
     table = write_results(args, knn_results, seg_results)
+    print(results_table(knn_results, seg_results))
+    stage("5/5 figures")
+    from densedino.plots import make_figures
+
+    figures = make_figures(args.work_dir, list(METHODS), checkpoints, num_images=args.figure_images)
+    write_results(args, knn_results, seg_results, figures)
     print(f"\nresults: {table} and {table.with_suffix('.json')}; total {time.time() - start:.0f} s")
+    print("figures:", *(f"  {path}" for path in figures), sep="\n")
     best = checkpoints["densedino"]
     print(f"\nserve the DenseDINO backbone:  .venv/bin/densedino-serve --checkpoint {best}")
     print(f"explore its attention maps:    .venv/bin/densedino-demo --checkpoint {best}")
