@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from densedino.data import (
 )
 from densedino.data import cli as data_cli
 from densedino.data.demo_dataset import label_of_index, min_num_images
-from densedino.data.synthetic import SHAPES, compose_layout, voc_palette
+from densedino.data.synthetic import SHAPES, class_style, compose_layout, voc_palette
 
 SIZE = 64  # small images keep the tests fast; the layout code does not depend on the size
 NUM_IMAGES = 40
@@ -135,15 +136,43 @@ def test_mask_follows_painting_order_and_classes_are_distinct() -> None:
             assert (layout.mask == class_index + 1).sum() >= 0.4 * region.sum()  # visible
 
 
-def test_objects_stand_out_from_the_background() -> None:
+@pytest.mark.parametrize("appearance", ["class", "random"])
+def test_objects_stand_out_from_the_background(appearance: str) -> None:
     for seed in SEEDS:
-        image, mask, _ = render_scene(seed, SIZE)
+        image, mask, _ = render_scene(seed, SIZE, appearance=appearance)
         pixels = image.reshape(-1, 3).astype(np.float64)
         flat = mask.ravel()
         background = pixels[flat == 0].mean(axis=0)
         for value in set(np.unique(flat).tolist()) - {0}:
             distance = np.linalg.norm(pixels[flat == value].mean(axis=0) - background)
             assert distance > 20.0, (seed, value, distance)
+
+
+def _hue_of_class(image: np.ndarray, mask: np.ndarray, class_index: int) -> float:
+    mean = image[mask == class_index + 1].reshape(-1, 3).mean(axis=0) / 255.0
+    return colorsys.rgb_to_hsv(*mean)[0]
+
+
+def test_class_appearance_ties_colour_to_the_class_and_random_does_not() -> None:
+    """Under "class" most objects have a hue near their class's; under "random" about as many
+    as chance (2 x 0.05 of the hue circle) do."""
+
+    def share_near_class_hue(appearance: str) -> float:
+        near = []
+        for seed in range(60):
+            image, mask, label = render_scene(seed, SIZE, appearance=appearance)
+            target, _ = class_style(label)
+            gap = abs(_hue_of_class(image, mask, label) - target)
+            near.append(min(gap, 1.0 - gap) < 0.05)
+        return float(np.mean(near))
+
+    assert share_near_class_hue("class") > 0.6
+    assert share_near_class_hue("random") < 0.3
+    _, mask_random, _ = render_scene(7, SIZE, appearance="random")
+    _, mask_class, _ = render_scene(7, SIZE, appearance="class")
+    assert np.array_equal(mask_random, mask_class)  # appearance never moves the objects
+    with pytest.raises(ValueError, match="appearance"):
+        render_scene(0, SIZE, appearance="fancy")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------- on disk
@@ -226,6 +255,7 @@ def test_meta_and_readme(dataset: DemoDatasetInfo) -> None:
     assert meta["classes"] == list(CLASSES) and meta["seed"] == 3
     assert meta["num_train"] == dataset.num_train and meta["num_val"] == dataset.num_val
     assert meta["image_size"] == SIZE and meta["ignore_index"] == IGNORE_INDEX
+    assert meta["appearance"] == "class" and meta["generator_version"] == 2
     assert "circle" in (dataset.root / "README.txt").read_text()
 
 
@@ -261,6 +291,8 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         write_demo_dataset(tmp_path / "b", num_images=min_num_images(0.2) - 1)
     with pytest.raises(ValueError, match="workers"):
         write_demo_dataset(tmp_path / "c", num_images=100, workers=0)
+    with pytest.raises(ValueError, match="appearance"):
+        write_demo_dataset(tmp_path / "e", num_images=100, appearance="fancy")
     assert not any(tmp_path.iterdir())  # nothing written on bad input
 
 

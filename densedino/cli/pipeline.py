@@ -70,10 +70,16 @@ def run(cmd: list[str]) -> None:
 
 def make_data(args: argparse.Namespace) -> Path:
     from densedino.data import save_preview, write_demo_dataset
+    from densedino.data.demo_dataset import GENERATOR_VERSION
 
     root = args.work_dir / "data"
     meta = root / "meta.json"
-    wanted = {"num_images": args.num_images, "seed": args.seed}
+    wanted = {
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "appearance": "class",
+        "generator_version": GENERATOR_VERSION,
+    }
     if meta.is_file() and all(json.loads(meta.read_text()).get(k) == v for k, v in wanted.items()):
         print(f"reusing {root}")
     else:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from densedino.data.demo_dataset import DemoDatasetInfo, save_preview, write_demo_dataset
+from densedino.data.synthetic import APPEARANCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument(
         "--val-fraction", type=float, default=0.2, help="share of images in the val split"
+    )
+    parser.add_argument(
+        "--appearance",
+        choices=APPEARANCES,
+        default="class",
+        help="class: objects usually wear their class's colour and texture (the demo's data); "
+        "random: colour and texture are independent of the class, shape is the only cue",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: all CPUs)"
@@ -75,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             image_size=args.image_size,
             val_fraction=args.val_fraction,
+            appearance=args.appearance,
             workers=args.workers,
             overwrite=args.overwrite,
             show_progress=not args.quiet,

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from densedino.data.synthetic import (
+    APPEARANCES,
     CLASSES,
     MIN_IMAGE_SIZE,
     NUM_CLASSES,
@@ -42,7 +43,7 @@ from densedino.data.synthetic import (
 
 JPEG_QUALITY = 90
 IGNORE_BORDER_RADIUS = 1  # 255 on a 2-pixel band across every label change
-GENERATOR_VERSION = 1  # bump when the rendering changes, so cached datasets can be told apart
+GENERATOR_VERSION = 2  # bump when the rendering changes, so cached datasets can be told apart
 IMAGENET_DIR = "imagenet"
 VOC_DIR = Path("VOCdevkit") / "VOC2012"
 _VOC_PALETTE_FLAT = [channel for colour in voc_palette(256) for channel in colour]
@@ -60,6 +61,7 @@ class DemoDatasetInfo:
     seed: int
     image_size: int
     num_images: int
+    appearance: str
     num_train: int
     num_val: int
     num_voc_train: int
@@ -148,11 +150,15 @@ def encode_scene(image: np.ndarray, mask: np.ndarray) -> tuple[bytes, bytes, byt
     return buffer.getvalue(), _png_bytes(voc), _png_bytes(Image.fromarray(mask, mode="L"))
 
 
-def _write_one(task: tuple[int, int, int, float, str]) -> tuple[int, int]:
+Task = tuple[int, int, int, float, str, str]
+
+
+def _write_one(task: Task) -> tuple[int, int]:
     """Render image `index` and write its four files; returns (index, label)."""
-    index, seed, image_size, val_fraction, tmp_name = task
+    index, seed, image_size, val_fraction, appearance, tmp_name = task
     tmp = Path(tmp_name)
-    image, mask, label = render_scene(scene_rng(seed, index), image_size, label_of_index(index))
+    rng = scene_rng(seed, index)
+    image, mask, label = render_scene(rng, image_size, label_of_index(index), appearance)
     jpeg, voc_png, aug_png = encode_scene(image, mask)
     stem = image_id(index)
     split = "val" if is_val_index(index, val_fraction) else "train"
@@ -163,9 +169,7 @@ def _write_one(task: tuple[int, int, int, float, str]) -> tuple[int, int]:
     return index, label
 
 
-def _run_tasks(
-    tasks: list[tuple[int, int, int, float, str]], workers: int, show_progress: bool
-) -> dict[int, int]:
+def _run_tasks(tasks: list[Task], workers: int, show_progress: bool) -> dict[int, int]:
     """Run `_write_one` over all tasks (in-process for one worker); returns {index: label}."""
     results: Iterator[tuple[int, int]]
     pool = None
@@ -206,13 +210,21 @@ def _class_counts(labels: dict[int, int], val_fraction: float, want_val: bool) -
     return counts
 
 
+_APPEARANCE_TEXT = {
+    "class": "an object usually (p = 0.75) wears its class's\ncolour family and texture, "
+    "random ones otherwise; quiet near-grey backgrounds.",
+    "random": "colour and texture are random.",
+}
+
+
 def _readme(info: DemoDatasetInfo) -> str:
     return (
         "DenseDINO built-in procedural dataset (densedino.data.write_demo_dataset).\n\n"
         f"{info.num_images} images of {info.image_size}x{info.image_size} px, seed {info.seed}.\n"
         "Each image: 2-4 objects of distinct classes on a textured background. The class of an\n"
-        "object is its shape; colour and texture are random. Image-level label = class with the\n"
-        "largest visible area.\n\n"
+        f"object is its shape; appearance {info.appearance!r}: "
+        f"{_APPEARANCE_TEXT[info.appearance]}\n"
+        "Image-level label = class with the largest visible area.\n\n"
         f"Classes (ImageFolder index i, mask value i+1; 0 = background): {', '.join(CLASSES)}\n\n"
         f"imagenet/train: {info.num_train} images, imagenet/val: {info.num_val} images.\n"
         f"VOCdevkit/VOC2012: train {info.num_voc_train}, trainaug {info.num_voc_trainaug}, "
@@ -257,13 +269,15 @@ def write_demo_dataset(
     seed: int = 0,
     image_size: int = 128,
     val_fraction: float = 0.2,
+    appearance: str = "class",
     workers: int | None = None,
     overwrite: bool = False,
     show_progress: bool = False,
 ) -> DemoDatasetInfo:
     """Render `num_images` scenes and write them in both layouts under `root`.
 
-    The output depends only on (num_images, seed, image_size, val_fraction): image i is drawn
+    The output depends only on (num_images, seed, image_size, val_fraction, appearance): image i
+    is drawn
     from `scene_rng(seed, i)`, whatever the number of `workers` (default: all CPUs). Files are
     written into a temporary sibling directory that is renamed to `root` at the end, so an
     interrupted run never leaves a half-written root. A non-empty `root` is refused unless
@@ -271,6 +285,8 @@ def write_demo_dataset(
     """
     root = Path(root).absolute()
     _check_arguments(num_images, image_size, val_fraction, seed)
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {APPEARANCES}, got {appearance!r}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -280,7 +296,9 @@ def write_demo_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
     try:
         _make_dirs(tmp)
-        tasks = [(i, seed, image_size, val_fraction, str(tmp)) for i in range(num_images)]
+        tasks = [
+            (i, seed, image_size, val_fraction, appearance, str(tmp)) for i in range(num_images)
+        ]
         labels = _run_tasks(tasks, min(workers, num_images), show_progress)
         lists = _write_split_lists(tmp, labels, val_fraction)
         info = DemoDatasetInfo(
@@ -292,6 +310,7 @@ def write_demo_dataset(
             seed=seed,
             image_size=image_size,
             num_images=num_images,
+            appearance=appearance,
             num_train=len(lists["trainaug"]),
             num_val=len(lists["val"]),
             num_voc_train=len(lists["train"]),

@@ -1,9 +1,19 @@
 """Procedural multi-object scenes: the built-in dataset of the demo and of the tests.
 
 A scene is a textured background with 2-4 objects of distinct classes painted on top of each
-other. The class of an object is its *shape*; colour, texture, size, position and (where the shape
-allows it) rotation are random nuisances drawn independently of the class. The mask is exact: it
-is painted with the same boolean regions, in the same order, as the image.
+other. The class of an object is its *shape*; size, position and (where the shape allows it)
+rotation are random nuisances. Colour and texture depend on the `appearance`:
+
+- ``"class"`` (the built-in data of the demo): an object wears its class's colour family and
+  texture with probability ``CLASS_STYLE_P``, random ones otherwise, on a quiet near-grey
+  background. As with categories in
+  photographs, appearance is a typical but unreliable cue and shape is the one that always holds;
+  it is what lets a few CPU minutes of self-supervised pretraining learn features that separate
+  the classes.
+- ``"random"``: colour and texture are drawn independently of the class, so shape is the only
+  cue (a harder setting; a few CPU minutes of pretraining do not learn it).
+
+The mask is exact: it is painted with the same boolean regions, in the same order, as the image.
 
 Everything is vectorised numpy on the full pixel grid (no per-pixel Python loops) and fully
 determined by the random generator passed in, so one (seed, index) pair gives one scene.
@@ -13,7 +23,7 @@ from __future__ import annotations
 
 import colorsys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -47,6 +57,12 @@ MIN_VISIBLE_FRACTION = 0.45
 MIN_COLOUR_DISTANCE = 60.0
 MAX_SCENE_ATTEMPTS = 40
 PIXEL_NOISE_STD = 4.0
+Appearance = Literal["class", "random"]
+APPEARANCES: tuple[str, ...] = ("class", "random")
+# appearance="class": probability that an object wears its class's style, and the spread of its
+# hue around the class's (classes are 0.1 apart on the hue circle).
+CLASS_STYLE_P = 0.75
+CLASS_HUE_STD = 0.03
 
 Grid = tuple[np.ndarray, np.ndarray]
 
@@ -291,12 +307,24 @@ def _pick(rng: np.random.Generator, table: dict[str, TextureFn]) -> TextureFn:
     return list(table.values())[int(rng.integers(len(table)))]
 
 
-def _background(rng: np.random.Generator, grid: Grid) -> np.ndarray:
+# appearance="class": near-grey backgrounds without stripes or checks, so that the objects, not
+# the background, are what tells two scenes apart.
+QUIET_BACKGROUND_TEXTURES: dict[str, TextureFn] = {"gradient": _gradient, "noise": _noise}
+
+
+def _quiet_background_colour(rng: np.random.Generator) -> np.ndarray:
+    hue, sat, val = rng.random(), rng.uniform(0.0, 0.12), rng.uniform(0.55, 0.9)
+    return np.array(colorsys.hsv_to_rgb(hue, sat, val), dtype=np.float32) * 255.0
+
+
+def _background(rng: np.random.Generator, grid: Grid, appearance: Appearance) -> np.ndarray:
     """HxWx3 float32 background texture."""
-    first = _background_colour(rng)
+    quiet = appearance == "class"
+    first = _quiet_background_colour(rng) if quiet else _background_colour(rng)
     # Low contrast so the background reads as texture, not as extra objects.
     second = np.clip(first + rng.normal(0.0, 35.0, size=3), 0, 255).astype(np.float32)
-    return _pick(rng, BACKGROUND_TEXTURES)(rng, grid, grid[0].shape[0], first, second)
+    table = QUIET_BACKGROUND_TEXTURES if quiet else BACKGROUND_TEXTURES
+    return _pick(rng, table)(rng, grid, grid[0].shape[0], first, second)
 
 
 def _object_colours(
@@ -311,6 +339,27 @@ def _object_colours(
         if np.linalg.norm(colours.mean(axis=0) - background_mean) >= MIN_COLOUR_DISTANCE:
             break
     return colours
+
+
+def class_style(class_index: int) -> tuple[float, str]:
+    """Hue (in [0, 1)) and object texture typical of a class under appearance="class"; classes
+    sharing a texture are half the hue circle apart."""
+    textures = tuple(OBJECT_TEXTURES)
+    return class_index / NUM_CLASSES, textures[class_index % len(textures)]
+
+
+def _class_colours(
+    rng: np.random.Generator, grid: Grid, region: np.ndarray, class_index: int
+) -> np.ndarray:
+    """Nx3 colours of `region` in the class's texture, a saturated colour of its hue family over
+    a darker shade of it (saturated colours stand apart from the pale backgrounds)."""
+    hue, texture = class_style(class_index)
+    hue = (hue + rng.normal(0.0, CLASS_HUE_STD)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0))
+    first = np.array(rgb, dtype=np.float32) * 255.0
+    second = first * np.float32(rng.uniform(0.35, 0.6))
+    points = (grid[0][region], grid[1][region])
+    return OBJECT_TEXTURES[texture](rng, points, grid[0].shape[0], first, second)
 
 
 # ------------------------------------------------------------------------------------ scene
@@ -391,6 +440,7 @@ def render_scene(
     rng: np.random.Generator | int,
     image_size: int = 128,
     label: int | None = None,
+    appearance: Appearance = "class",
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Render one scene.
 
@@ -398,6 +448,7 @@ def render_scene(
         rng: a numpy Generator, or an int seed for a fresh one.
         image_size: side of the square image in pixels (>= 32).
         label: 0-based class that must end up with the largest visible area; random if None.
+        appearance: ``"class"`` or ``"random"`` colours and textures (see the module docstring).
 
     Returns:
         image (uint8, HxWx3 RGB), mask (uint8, HxW; 0 background, 1..C = CLASSES[value - 1]),
@@ -409,6 +460,8 @@ def render_scene(
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE} pixels, got {image_size}")
     if label is not None and not 0 <= label < NUM_CLASSES:
         raise ValueError(f"label must be in [0, {NUM_CLASSES - 1}] or None, got {label}")
+    if appearance not in APPEARANCES:
+        raise ValueError(f"appearance must be one of {APPEARANCES}, got {appearance!r}")
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     main_class = int(rng.integers(NUM_CLASSES)) if label is None else int(label)
@@ -416,10 +469,13 @@ def render_scene(
     layout = compose_layout(rng, image_size, main_class)
 
     grid = pixel_grid(image_size)
-    image = _background(rng, grid)
+    image = _background(rng, grid, appearance)
     background_mean = image.reshape(-1, 3).mean(axis=0)
-    for region in layout.regions:  # painting order, as in the mask
-        image[region] = _object_colours(rng, grid, region, background_mean)
+    for region, class_index in zip(layout.regions, layout.classes, strict=True):  # painting order
+        if appearance == "class" and rng.random() < CLASS_STYLE_P:
+            image[region] = _class_colours(rng, grid, region, class_index)
+        else:
+            image[region] = _object_colours(rng, grid, region, background_mean)
     image += PIXEL_NOISE_STD * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), layout.mask, main_class
 
