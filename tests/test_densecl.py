@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import logged, mean, run
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
@@ -262,35 +263,6 @@ custom_hooks = [dict(type="CollapseMonitorHook", warmup_iters=0), dict(type="Exp
 """
 EPOCHS = 16  # 80 training images / 16 = 5 iterations per epoch: 80 iterations
 QUEUE_FULL = 4  # iterations until real keys have replaced the random initial ones (64 / 16)
-
-
-def run(*cmd: object) -> str:
-    proc = subprocess.run(
-        [str(c) for c in cmd],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-4000:]}"
-    return output
-
-
-def logged(work_dir: Path, key: str) -> list[float]:
-    """Per-iteration values of ``key`` written by mmengine's LoggerHook, in step order."""
-    values: dict[int, float] = {}
-    for path in sorted(work_dir.glob("*/vis_data/*.json")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if key in record and "step" in record and "lr" in record:
-                values[int(record["step"])] = float(record[key])
-    return [values[step] for step in sorted(values)]
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 @pytest.mark.slow

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import logged, mean, run
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import PatchLoss
@@ -335,35 +334,6 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1000))
 custom_hooks = [dict(type="CollapseMonitorHook", warmup_iters=0), dict(type="ExportBackboneHook")]
 """
 EPOCHS = 16  # 80 training images / 16 = 5 iterations per epoch: 80 iterations
-
-
-def run(*cmd: object) -> str:
-    proc = subprocess.run(
-        [str(c) for c in cmd],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-4000:]}"
-    return output
-
-
-def logged(work_dir: Path, key: str) -> list[float]:
-    """Per-iteration values of ``key`` written by mmengine's LoggerHook, in step order."""
-    values: dict[int, float] = {}
-    for path in sorted(work_dir.glob("*/vis_data/*.json")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if key in record and "step" in record and "lr" in record:
-                values[int(record["step"])] = float(record[key])
-    return [values[step] for step in sorted(values)]
-
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 @pytest.mark.slow
