@@ -343,7 +343,12 @@ def test_cli_trains_exports_and_evaluates(tmp_path: Path) -> None:
     from densedino.evaluation.seg import cli as seg_cli
     from densedino.weights import load_backbone
 
-    data = write_demo_dataset(tmp_path / "demo", num_images=100, image_size=64, workers=1)
+    # On the default "class" data the image-level (DINO) loss first rises for about 40-100
+    # iterations, as DINO's does in the main job (README), longer than this test runs; on the
+    # shape-only data it falls within 80 iterations.
+    data = write_demo_dataset(
+        tmp_path / "demo", num_images=100, image_size=64, workers=1, appearance="random"
+    )
     config = tmp_path / "selfpatch.py"
     config.write_text(RUN_CONFIG.format(root=ROOT))
     work = tmp_path / "run"
