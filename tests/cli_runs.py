@@ -39,3 +39,25 @@ def logged(work_dir: Path, key: str) -> list[float]:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+def assert_export_evaluates(export: Path, data: object, work: Path) -> None:
+    """An exported backbone goes through k-NN and the seg probe on a 100-image built-in dataset
+    (``data``: the DemoDatasetInfo it was written with)."""
+    from densedino.evaluation import knn_cli
+    from densedino.evaluation.seg import cli as seg_cli
+
+    knn_out = work / "knn.json"
+    argv = ["--checkpoint", export, "--data", data.imagenet_train.parent, "--crop", "32",
+            "--k", "1", "5", "--batch-size", "50", "--workers", "0", "--out", knn_out,
+            "--quiet"]  # fmt: skip
+    assert knn_cli.main([str(a) for a in argv]) == 0
+    knn = json.loads(knn_out.read_text())
+    assert knn["train"]["used"] == 80 and knn["val"]["used"] == 20
+    assert all(0 <= acc["top1"] <= acc["top5"] <= 100 for acc in knn["results"].values())
+    argv = ["--checkpoint", export, "--data", data.voc_root, "--work-dir", work / "seg",
+            "--protocol", "demo", "--crop-size", "64", "--workers", "0", "--grid", "0",
+            "--epochs", "1"]  # fmt: skip
+    assert seg_cli.main([str(a) for a in argv]) == 0
+    seg = json.loads((work / "seg" / "seg_results.json").read_text())
+    assert seg["val"]["images"] == 20 and 0 <= seg["mIoU"] <= 100

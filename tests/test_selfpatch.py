@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_runs import logged, mean, run
+from cli_runs import assert_export_evaluates, logged, mean, run
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import PatchLoss
@@ -339,8 +339,6 @@ EPOCHS = 16  # 80 training images / 16 = 5 iterations per epoch: 80 iterations
 @pytest.mark.slow
 def test_cli_trains_exports_and_evaluates(tmp_path: Path) -> None:
     from densedino.data import write_demo_dataset
-    from densedino.evaluation import knn_cli
-    from densedino.evaluation.seg import cli as seg_cli
     from densedino.weights import load_backbone
 
     # On the default "class" data the image-level (DINO) loss first rises for about 40-100
@@ -376,17 +374,4 @@ def test_cli_trains_exports_and_evaluates(tmp_path: Path) -> None:
     assert json.loads((work / "export" / "backbone.json").read_text())["method"] == "SelfPatch"
     backbone = load_backbone(export)
     assert (backbone.depth, backbone.patch_size, backbone.img_size) == (2, 8, 32)
-    knn_out = tmp_path / "knn.json"
-    argv = ["--checkpoint", export, "--data", data.imagenet_train.parent, "--crop", "32",
-            "--k", "1", "5", "--batch-size", "50", "--workers", "0", "--out", knn_out,
-            "--quiet"]  # fmt: skip
-    assert knn_cli.main([str(a) for a in argv]) == 0
-    knn = json.loads(knn_out.read_text())
-    assert knn["train"]["used"] == 80 and knn["val"]["used"] == 20
-    assert all(0 <= acc["top1"] <= acc["top5"] <= 100 for acc in knn["results"].values())
-    argv = ["--checkpoint", export, "--data", data.voc_root, "--work-dir", tmp_path / "seg",
-            "--protocol", "demo", "--crop-size", "64", "--workers", "0", "--grid", "0",
-            "--epochs", "1"]  # fmt: skip
-    assert seg_cli.main([str(a) for a in argv]) == 0
-    seg = json.loads((tmp_path / "seg" / "seg_results.json").read_text())
-    assert seg["val"]["images"] == 20 and 0 <= seg["mIoU"] <= 100
+    assert_export_evaluates(export, data, tmp_path)
