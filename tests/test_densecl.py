@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_runs import assert_export_evaluates, logged, mean, run
+from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
@@ -245,22 +245,9 @@ def test_key_encoder_is_an_ema_and_the_query_encoder_is_exported(batch: dict) ->
 
 
 # --------------------------------------------------------------------------------------- CLI
-# The demo config, scaled down: 2 blocks, 32 px views (4 x 4 patches), batches of 16, queues
-# of 64 keys (the 80 training images hold fewer than the demo's 1,024).
-RUN_CONFIG = """
-_base_ = ["{root}/configs/demo/densecl_vit-t_demo.py"]
-model = dict(method=dict(queue_len=64, backbone=dict(img_size=32, depth=2)))
-train_dataloader = dict(
-    batch_size=16, num_workers=0, persistent_workers=False,
-    dataset=dict(views=dict(global_size=32, local_size=32)),
-)
-# The demo's learning rate when this test was written, pinned so that retuning the demo recipe
-# does not silently change what this test measures.
-schedule = dict(lr=2e-3, warmup_epochs=1)
-log_processor = dict(window_size=1)
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1000))
-custom_hooks = [dict(type="CollapseMonitorHook", warmup_iters=0), dict(type="ExportBackboneHook")]
-"""
+# The demo config scaled down (tests/cli_runs.py), with queues of 64 keys (the 80 training
+# images hold fewer than the demo's 1,024).
+RUN_CONFIG = small_run_config("densecl_vit-t_demo.py", "queue_len=64, ")
 EPOCHS = 16  # 80 training images / 16 = 5 iterations per epoch: 80 iterations
 QUEUE_FULL = 4  # iterations until real keys have replaced the random initial ones (64 / 16)
 
@@ -272,7 +259,7 @@ def test_cli_trains_exports_and_evaluates(tmp_path: Path) -> None:
 
     data = write_demo_dataset(tmp_path / "demo", num_images=100, image_size=64, workers=1)
     config = tmp_path / "densecl.py"
-    config.write_text(RUN_CONFIG.format(root=ROOT))
+    config.write_text(RUN_CONFIG)
     work = tmp_path / "run"
     output = run(
         sys.executable, "-m", "densedino.cli.train", config, "--work-dir", work,
