@@ -228,3 +228,55 @@ def test_resume_finder_skips_incomplete_files(tmp_path: Path) -> None:
     assert find_resume_checkpoint(tmp_path) == good
     atomic_write(tmp_path / "last_checkpoint", str(good).encode())
     assert find_resume_checkpoint(tmp_path) == good
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.infos: list[str] = []
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def info(self, message: str) -> None:
+        self.infos.append(message)
+
+
+def test_collapse_monitor_flags_collapse_and_a_nearly_uniform_teacher() -> None:
+    from types import SimpleNamespace
+
+    from mmengine.logging import MessageHub
+
+    from densedino.train.hooks import CollapseMonitorHook
+
+    hook = CollapseMonitorHook(warmup_iters=2, stall_entropy=0.9, stall_window=3)
+    logger = RecordingLogger()
+    runner = SimpleNamespace(iter=0, logger=logger, message_hub=MessageHub("monitor-test"))
+
+    def epoch(entropies: list[float], std: float = 0.5) -> None:
+        for entropy in entropies:
+            outputs = {"feature_std": std, "teacher_entropy": entropy, "corrupt": 0}
+            hook.after_train_iter(runner, 0, outputs=outputs)
+            runner.iter += 1
+        hook.after_train_epoch(runner)
+
+    # Above the stall bound during warm-up only, then healthy: nothing is logged.
+    epoch([0.99, 0.99, 0.5, 0.6, 0.5])
+    assert (logger.warnings, hook.collapsed_iters, hook.stalled_epochs) == ([], 0, 0)
+    # Nearly uniform but below the collapse bound: one stall warning, no collapse.
+    epoch([0.93, 0.95, 0.94])
+    assert (hook.collapsed_iters, hook.stalled_epochs) == (0, 1)
+    assert len(logger.warnings) == 1 and "teacher nearly uniform" in logger.warnings[0]
+    assert "0.940" in logger.warnings[0]  # the mean over the window
+    # Uniform: a collapse warning on its first iteration, and a stall at the epoch's end.
+    epoch([0.999, 0.999, 0.999])
+    assert (hook.collapsed_iters, hook.stalled_epochs) == (3, 2)
+    assert "COLLAPSE WARNING" in logger.warnings[1] and len(logger.warnings) == 3
+    # Features collapsed to a point with a sharp teacher: collapse, and no stall.
+    epoch([0.2, 0.2, 0.2], std=0.01)
+    assert (hook.collapsed_iters, hook.stalled_epochs) == (6, 2)
+    hook.after_run(runner)
+    assert (
+        "6 iterations flagged as collapsed, 2 epochs with a nearly uniform teacher"
+        in (logger.infos[-1])
+    )
