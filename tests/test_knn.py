@@ -451,11 +451,12 @@ def test_cli_errors_are_clear(
     assert not (tmp_path / "r.json").exists()
 
 
-# The margin the demo recipe was measured to clear, not the "clearly above" the issue asks for:
-# DenseDINO's demo checkpoint (seed 0) scores 30.25 against 26.75 for its random init at k = 20
-# (docs/benchmarks.md, Replication). A change that stops the pretraining from learning, or
-# breaks the export, the init or the evaluation, falls below it.
-DEMO_KNN_MARGIN = 2.0
+# A margin the demo recipe clears at every training seed measured, not the "clearly above" the
+# issue asks for: DenseDINO's demo checkpoint gains +3.50, +3.75 and +1.50 k-NN points over its
+# random init at seeds 0, 1, 2 (docs/benchmarks.md, Replication); this test runs seed 0 (30.25
+# vs 26.75). Random inits differ by about 0.4 points from one another, so a run that stops
+# learning, or a broken export, init or evaluation, falls below it.
+DEMO_KNN_MARGIN = 1.0
 
 
 def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
