@@ -34,29 +34,34 @@ def small_run_config(demo: str, method_options: str = "") -> str:
     return _SMALL_RUN_CONFIG.format(root=ROOT, demo=demo, method=method_options)
 
 
-def run(*cmd: object) -> str:
-    """Run a command from the repository root on one thread; fail with the end of its output."""
+def run(*cmd: object, one_thread: bool = True) -> str:
+    """Run a command from the repository root (on one thread unless told otherwise, so that
+    tests running side by side do not oversubscribe the cores); fail with the end of its
+    output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
     proc = subprocess.run(
-        [str(c) for c in cmd],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-4000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
     return output
 
 
-def logged(work_dir: Path, key: str) -> list[float]:
-    """Per-iteration values of ``key`` written by mmengine's LoggerHook, in step order."""
+def logged_by_step(work_dir: Path, key: str) -> dict[int, float]:
+    """Per-iteration values of ``key`` written by mmengine's LoggerHook (every run in the work
+    dir), keyed by step."""
     values: dict[int, float] = {}
     for path in sorted(work_dir.glob("*/vis_data/*.json")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if key in record and "step" in record and "lr" in record:
                 values[int(record["step"])] = float(record[key])
+    return values
+
+
+def logged(work_dir: Path, key: str) -> list[float]:
+    """Per-iteration values of ``key``, in step order."""
+    values = logged_by_step(work_dir, key)
     return [values[step] for step in sorted(values)]
 
 

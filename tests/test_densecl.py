@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
+from cli_runs import ROOT, assert_export_evaluates, logged, mean, run, small_run_config
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
 from densedino.methods import DenseCL
 from densedino.methods.base import StepState
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
     arch="vit_tiny",
     patch_size=8,

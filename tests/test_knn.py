@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import ROOT, run
 from PIL import Image
 from torch import nn
 
@@ -462,8 +462,6 @@ DEMO_KNN_MARGIN = 1.0
 def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
     """The main job's DenseDINO pretraining, at its full budget (300 iterations), on the main
     job's data: its export classifies the val scenes better than the same ViT at init."""
-    from cli_runs import ROOT
-
     from densedino.cli.pipeline import random_init_like
     from densedino.data import write_demo_dataset
 
@@ -474,8 +472,7 @@ def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "densedino.cli.train",
            ROOT / "configs/demo/densedino_vit-t_demo.py", "--work-dir", work, "--cfg-options",
            f"train_dataloader.dataset.root={data.imagenet_train}"]  # fmt: skip
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run(*cmd, one_thread=False)
     trained = work / "export" / "backbone.safetensors"
     baseline = random_init_like(trained, tmp_path / "init.safetensors", seed=0)
     top1 = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runs import run
 from mmengine.config import Config
 from PIL import Image
 
@@ -30,7 +30,6 @@ from densedino.evaluation.seg.head import LinearProbeHead
 from densedino.models.vit import VisionTransformer
 from densedino.weights import load_backbone, save_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_DEMO_CLASSES = len(CLASSES) + 1
 # Small runs of the demo protocol: 64 px crops (8 x 8 patches of 8 px), 14 x 14 labels.
 FAST = ["--protocol", "demo", "--crop-size", "64", "--workers", "0", "--grid", "6"]
@@ -378,15 +377,7 @@ def test_torchrun_two_cpu_processes(demo: Path, random_ckpt: Path, tmp_path: Pat
     command += ["--nproc-per-node", "2", "-m", "densedino.evaluation.seg.cli"]
     command += ["--checkpoint", random_ckpt, "--data", demo, "--work-dir", work, *FAST]
     command += ["--launcher", "pytorch", "--epochs", "1", "--batch-size", "8"]
-    proc = subprocess.run(
-        [str(c) for c in command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    run(*command)
     result = json.loads((work / "seg_results.json").read_text())
     assert result["world_size"] == 2 and result["schedule"]["batch_size"] == 16
     assert result["schedule"]["lr"] == pytest.approx(0.3 * 16 / 60)

@@ -25,7 +25,6 @@ from densedino.methods.selfpatch import (
     select_neighbours,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(
     arch="vit_tiny",
     patch_size=8,

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import ROOT, logged_by_step
 
 from densedino.data import write_demo_dataset
 from densedino.train.checkpoint import atomic_write, find_resume_checkpoint, is_complete
 from densedino.train.data import SSLImageDataset, ssl_collate
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "densedino.cli.train"]
 TIMEOUT = 600
 
@@ -94,17 +94,6 @@ def run_train(*args: str, env: dict | None = None, check: bool = True, cmd=None)
     return proc
 
 
-def logged(work_dir: Path, key: str = "loss") -> dict[int, float]:
-    """Per-iteration values that mmengine's LoggerHook wrote (all runs in the work dir)."""
-    values: dict[int, float] = {}
-    for path in sorted(work_dir.glob("*/vis_data/*.json")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if key in record and "step" in record and "lr" in record:
-                values[int(record["step"])] = float(record[key])
-    return values
-
-
 def test_train_exports_a_backbone_that_timm_loads(tmp_path: Path, data_dir: Path) -> None:
     import timm
 
@@ -130,7 +119,7 @@ def test_train_exports_a_backbone_that_timm_loads(tmp_path: Path, data_dir: Path
     again = load_backbone(tmp_path / "again" / "backbone.safetensors")
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
-    losses = logged(tmp_path / "run")
+    losses = logged_by_step(tmp_path / "run", "loss")
     assert sorted(losses) == list(range(1, 15)) and all(v == v for v in losses.values())
 
 
@@ -139,7 +128,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
     # i.e. in the middle of the second epoch, with iter_8 (1 iteration into it) the newest.
     config = write_config(tmp_path / "cfg.py", data_dir, epochs=3, ckpt_every=4, by_epoch=False)
     run_train(config, "--work-dir", tmp_path / "straight")
-    reference = logged(tmp_path / "straight")
+    reference = logged_by_step(tmp_path / "straight", "loss")
 
     (tmp_path / "kill_hook.py").write_text(KILL_HOOK)
     killer = tmp_path / "killer.py"
@@ -155,7 +144,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
 
     resumed = run_train(config, "--work-dir", tmp_path / "resumed", "--resume", "auto")
     assert "resuming epoch 1 after 1 iterations" in resumed.stdout + resumed.stderr
-    after = logged(tmp_path / "resumed")
+    after = logged_by_step(tmp_path / "resumed", "loss")
     assert sorted(after) == list(range(1, 22))
     for step in range(9, 22):  # every step after the checkpoint, replayed exactly
         assert after[step] == pytest.approx(reference[step], abs=1e-6), step
@@ -177,7 +166,7 @@ def test_torchrun_two_processes_match_one_process_with_double_batch(tmp_path, da
         "densedino.cli.train",
     ]
     run_train(double, "--work-dir", tmp_path / "two", "--launcher", "pytorch", cmd=torchrun)
-    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    one, two = logged_by_step(tmp_path / "one", "loss"), logged_by_step(tmp_path / "two", "loss")
     assert two[1] == pytest.approx(one[1], abs=1e-5)
 
 
