@@ -34,13 +34,13 @@ def small_run_config(demo: str, method_options: str = "") -> str:
     return _SMALL_RUN_CONFIG.format(root=ROOT, demo=demo, method=method_options)
 
 
-def run(*cmd: object, one_thread: bool = True) -> str:
+def run(*cmd: object, one_thread: bool = True, timeout: float = 600) -> str:
     """Run a command from the repository root (on one thread unless told otherwise, so that
     tests running side by side do not oversubscribe the cores); fail with the end of its
-    output."""
+    output, or after `timeout` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
     proc = subprocess.run(
-        [str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+        [str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"

@@ -451,17 +451,19 @@ def test_cli_errors_are_clear(
     assert not (tmp_path / "r.json").exists()
 
 
-# A margin the demo recipe clears at every training seed measured, not the "clearly above" the
-# issue asks for: DenseDINO's demo checkpoint gains +3.50, +3.75 and +1.50 k-NN points over its
-# random init at seeds 0, 1, 2 (docs/benchmarks.md, Replication); this test runs seed 0 (30.25
-# vs 26.75). Random inits differ by about 0.4 points from one another, so a run that stops
-# learning, or a broken export, init or evaluation, falls below it.
-DEMO_KNN_MARGIN = 1.0
+# "Clearly above" random init: the 30-epoch DenseDINO demo recipe gains +8.5, +11.0 and SEED2
+# k-NN top-1 points (k = 20) over its random init at training seeds 0, 1 and 2 on the main job's
+# data (docs/benchmarks.md, "Longer runs"); the 400 val images give a standard error of about 2
+# points, and random inits differ from one another by about 0.4. The 6-epoch demo gains only +1.5
+# to +3.75, so a run that learns at that rate, stops learning, or a broken export, init or
+# evaluation fails this bound.
+KNN_MARGIN = 5.0
 
 
-def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
-    """The main job's DenseDINO pretraining, at its full budget (300 iterations), on the main
-    job's data: its export classifies the val scenes better than the same ViT at init."""
+@pytest.mark.slow
+def test_pretraining_clearly_beats_random_init(tmp_path: Path) -> None:
+    """DenseDINO's 30-epoch demo recipe (1,500 iterations, about 16 min on 2 cores) on the main
+    job's data: its export classifies the val scenes clearly better than the same ViT at init."""
     from densedino.cli.pipeline import random_init_like
     from densedino.data import write_demo_dataset
 
@@ -470,9 +472,9 @@ def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
     # Default threads, as `make demo` trains: same-seed results match across runs at a fixed
     # thread count only.
     cmd = [sys.executable, "-m", "densedino.cli.train",
-           ROOT / "configs/demo/densedino_vit-t_demo.py", "--work-dir", work, "--cfg-options",
+           ROOT / "configs/demo/densedino_vit-t_demo_30e.py", "--work-dir", work, "--cfg-options",
            f"train_dataloader.dataset.root={data.imagenet_train}"]  # fmt: skip
-    run(*cmd, one_thread=False)
+    run(*cmd, one_thread=False, timeout=3600)
     trained = work / "export" / "backbone.safetensors"
     baseline = random_init_like(trained, tmp_path / "init.safetensors", seed=0)
     top1 = {}
@@ -482,7 +484,7 @@ def test_demo_pretraining_beats_random_init(tmp_path: Path) -> None:
                 "128", "--k", "20", "--quiet", "--out", out)  # fmt: skip
         assert run_cli(*argv) == 0
         top1[name] = json.loads(out.read_text())["results"]["20"]["top1"]
-    assert top1["trained"] >= top1["random"] + DEMO_KNN_MARGIN, top1
+    assert top1["trained"] >= top1["random"] + KNN_MARGIN, top1
 
 
 def _extract_on_rank(rank: int, world_size: int, init_file: str, root: str, cache: str) -> None:
