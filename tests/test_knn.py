@@ -451,7 +451,7 @@ def test_cli_errors_are_clear(
     assert not (tmp_path / "r.json").exists()
 
 
-# "Clearly above" random init: the 30-epoch DenseDINO demo recipe gains +8.5, +11.0 and SEED2
+# "Clearly above" random init: the 30-epoch DenseDINO demo recipe gains +8.5, +11.0 and +10.5
 # k-NN top-1 points (k = 20) over its random init at training seeds 0, 1 and 2 on the main job's
 # data (docs/benchmarks.md, "Longer runs"); the 400 val images give a standard error of about 2
 # points, and random inits differ from one another by about 0.4. The 6-epoch demo gains only +1.5
