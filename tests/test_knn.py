@@ -456,7 +456,7 @@ def test_cli_errors_are_clear(
 # data (docs/benchmarks.md, "Longer runs"); the 400 val images give a standard error of about 2
 # points, and random inits differ from one another by about 0.4. The 6-epoch demo gains only +1.5
 # to +3.75, so a run that learns at that rate, stops learning, or a broken export, init or
-# evaluation fails this bound.
+# evaluation fails this bound. This test measured 35.25 vs 26.75 (+8.5).
 KNN_MARGIN = 5.0
 
 
