@@ -34,14 +34,28 @@ def small_run_config(demo: str, method_options: str = "") -> str:
     return _SMALL_RUN_CONFIG.format(root=ROOT, demo=demo, method=method_options)
 
 
-def run(*cmd: object, one_thread: bool = True, timeout: float = 600) -> str:
+def launch(
+    *cmd: object, one_thread: bool = True, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command from the repository root (on one thread unless told otherwise, so that
-    tests running side by side do not oversubscribe the cores); fail with the end of its
-    output, or after `timeout` seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else None
-    proc = subprocess.run(
-        [str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    tests running side by side do not oversubscribe the cores; `env` adds variables) and return
+    it finished, whatever its exit status; fail after `timeout` seconds."""
+    extra = {"OMP_NUM_THREADS": "1"} if one_thread else {}
+    return subprocess.run(
+        [str(c) for c in cmd],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **extra, **(env or {})},
     )
+
+
+def run(
+    *cmd: object, one_thread: bool = True, timeout: float = 600, env: dict | None = None
+) -> str:
+    """:func:`launch`, then fail with the end of its output unless it exited 0; its output."""
+    proc = launch(*cmd, one_thread=one_thread, timeout=timeout, env=env)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode}\n{output[-6000:]}"
     return output

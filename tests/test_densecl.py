@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_runs import ROOT, assert_export_evaluates, logged, mean, run, small_run_config
+from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
@@ -123,15 +121,7 @@ def test_queue_holds_the_keys_of_every_rank(tmp_path: Path) -> None:
     script = tmp_path / "gather.py"
     script.write_text(GATHER_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(script), str(tmp_path / "out")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(*cmd, script, tmp_path / "out", timeout=300)
     ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # every rank holds the same queue
     # Rank order: (0, 0) (1, 0) | (10, 1) (11, 1) (12, 1); the oldest key (0, 0) drops out and

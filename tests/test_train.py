@@ -4,7 +4,6 @@ corrupt images and atomic checkpoints."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import ROOT, logged_by_step
+from cli_runs import ROOT, launch, logged_by_step, run
 
 from densedino.data import write_demo_dataset
 from densedino.train.checkpoint import atomic_write, find_resume_checkpoint, is_complete
 from densedino.train.data import SSLImageDataset, ssl_collate
 
 TRAIN = [sys.executable, "-m", "densedino.cli.train"]
-TIMEOUT = 600
 
 pytestmark = pytest.mark.slow
 
@@ -78,29 +76,13 @@ def write_config(path: Path, data: Path, batch=8, epochs=2, ckpt_every=1, by_epo
     return path
 
 
-def run_train(*args: str, env: dict | None = None, check: bool = True, cmd=None):
-    proc = subprocess.run(
-        [*(cmd or TRAIN), *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc
-
-
 def test_train_exports_a_backbone_that_timm_loads(tmp_path: Path, data_dir: Path) -> None:
     import timm
 
     from densedino import load_backbone
 
     config = write_config(tmp_path / "cfg.py", data_dir)
-    run_train(config, "--work-dir", tmp_path / "run")
+    run(*TRAIN, config, "--work-dir", tmp_path / "run")
     export = tmp_path / "run" / "export"
     meta = json.loads((export / "backbone.json").read_text())
     assert meta["method"] == "DenseDINO" and meta["epoch"] == "2" and meta["patch_size"] == "8"
@@ -115,7 +97,7 @@ def test_train_exports_a_backbone_that_timm_loads(tmp_path: Path, data_dir: Path
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x)["cls"], ref.forward_features(x)[:, 0])
     # `densedino-train export` gives the same weights from the last checkpoint.
-    run_train("export", tmp_path / "run" / "epoch_2.pth", tmp_path / "again")
+    run(*TRAIN, "export", tmp_path / "run" / "epoch_2.pth", tmp_path / "again")
     again = load_backbone(tmp_path / "again" / "backbone.safetensors")
     for key, value in ours.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], value)
@@ -127,7 +109,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
     # 7 iterations per epoch, 3 epochs; checkpoints every 4 iterations; killed at iteration 10,
     # i.e. in the middle of the second epoch, with iter_8 (1 iteration into it) the newest.
     config = write_config(tmp_path / "cfg.py", data_dir, epochs=3, ckpt_every=4, by_epoch=False)
-    run_train(config, "--work-dir", tmp_path / "straight")
+    run(*TRAIN, config, "--work-dir", tmp_path / "straight")
     reference = logged_by_step(tmp_path / "straight", "loss")
 
     (tmp_path / "kill_hook.py").write_text(KILL_HOOK)
@@ -138,12 +120,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
         "custom_hooks = [dict(type='KillAtIterHook', iteration=10)]\n"
     )
     env = {"PYTHONPATH": str(tmp_path)}
-    killed = run_train(killer, "--work-dir", tmp_path / "resumed", env=env, check=False)
+    killed = launch(*TRAIN, killer, "--work-dir", tmp_path / "resumed", env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert find_resume_checkpoint(tmp_path / "resumed").name == "iter_8.pth"
 
-    resumed = run_train(config, "--work-dir", tmp_path / "resumed", "--resume", "auto")
-    assert "resuming epoch 1 after 1 iterations" in resumed.stdout + resumed.stderr
+    resumed = run(*TRAIN, config, "--work-dir", tmp_path / "resumed", "--resume", "auto")
+    assert "resuming epoch 1 after 1 iterations" in resumed
     after = logged_by_step(tmp_path / "resumed", "loss")
     assert sorted(after) == list(range(1, 22))
     for step in range(9, 22):  # every step after the checkpoint, replayed exactly
@@ -153,7 +135,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path: Path, dat
 def test_torchrun_two_processes_match_one_process_with_double_batch(tmp_path, data_dir):
     single = write_config(tmp_path / "single.py", data_dir, batch=8, epochs=1)
     double = write_config(tmp_path / "double.py", data_dir, batch=4, epochs=1)
-    run_train(single, "--work-dir", tmp_path / "one")
+    run(*TRAIN, single, "--work-dir", tmp_path / "one")
     torchrun = [
         sys.executable,
         "-m",
@@ -165,7 +147,7 @@ def test_torchrun_two_processes_match_one_process_with_double_batch(tmp_path, da
         "-m",
         "densedino.cli.train",
     ]
-    run_train(double, "--work-dir", tmp_path / "two", "--launcher", "pytorch", cmd=torchrun)
+    run(*torchrun, double, "--work-dir", tmp_path / "two", "--launcher", "pytorch")
     one, two = logged_by_step(tmp_path / "one", "loss"), logged_by_step(tmp_path / "two", "loss")
     assert two[1] == pytest.approx(one[1], abs=1e-5)
 
@@ -183,8 +165,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path, data_dir: Path) 
     assert int(batch["corrupt"]) == 2 and batch["views"][0].shape[0] == 6
 
     config = write_config(tmp_path / "cfg.py", folder, batch=2, epochs=1)
-    proc = run_train(config, "--work-dir", tmp_path / "run")
-    assert "2 unreadable images skipped" in proc.stdout + proc.stderr
+    output = run(*TRAIN, config, "--work-dir", tmp_path / "run")
+    assert "2 unreadable images skipped" in output
 
 
 def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
