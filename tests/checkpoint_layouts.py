@@ -132,7 +132,9 @@ def dino_training_checkpoint(
 ) -> dict:
     """``save_dict`` of ``main_dino.py`` (the authors' is the same with a ``ref_head``): the
     student behind DDP (``module.``), the teacher not."""
-    out_dim = next(iter(teacher_heads.values()))["last_layer.weight_v"].shape[0] if teacher_heads else 8
+    out_dim = (
+        next(iter(teacher_heads.values()))["last_layer.weight_v"].shape[0] if teacher_heads else 8
+    )
     return {
         "student": network(student, student_heads, ddp=True),
         "teacher": network(teacher, teacher_heads, ddp=False),

@@ -98,9 +98,7 @@ def student_grads(method: DenseDINO, loss: Tensor) -> dict[str, Tensor]:
     method.student.zero_grad()
     loss.backward()
     return {
-        name: p.grad.clone()
-        for name, p in method.student.named_parameters()
-        if p.grad is not None
+        name: p.grad.clone() for name, p in method.student.named_parameters() if p.grad is not None
     }
 
 

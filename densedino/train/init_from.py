@@ -67,7 +67,8 @@ def parse_init_from(init_from: str | os.PathLike[str] | Mapping[str, Any]) -> tu
         unknown = set(init_from) - {"path", "which"}
         if unknown or "path" not in init_from:
             raise ValueError(
-                f"init_from must be a path or dict(path=..., which=...), got keys {sorted(init_from)}"
+                "init_from must be a path or dict(path=..., which=...), got keys "
+                f"{sorted(init_from)}"
             )
         path, which = str(init_from["path"]), str(init_from.get("which", "both"))
     else:
