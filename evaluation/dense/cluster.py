@@ -52,19 +52,14 @@ def pca(x: np.ndarray, dim: int) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iterations: int, restarts: int) -> np.ndarray:
-    """Cluster ids [N] of FAISS k-means (best objective of `restarts` runs)."""
+    """Cluster ids [N] of FAISS k-means (best objective of `restarts` runs), every point
+    assigned; the centroids are trained on at most 256 x k points (FAISS' default sample)."""
     faiss = import_faiss()
     if not 1 <= k <= x.shape[0]:
         raise ValueError(f"K={k} must be in [1, {x.shape[0]}] (the number of patches)")
-    model = faiss.Kmeans(
-        x.shape[1],
-        k,
-        niter=iterations,
-        nredo=restarts,
-        seed=seed,
-        verbose=False,
-        max_points_per_centroid=max(256, -(-x.shape[0] // k)),  # use every point
-    )
+    # FAISS' default training sample (at most 256 points per centroid, as Leopart's FAISS
+    # k-means); every point is then assigned to its nearest centroid.
+    model = faiss.Kmeans(x.shape[1], k, niter=iterations, nredo=restarts, seed=seed, verbose=False)
     model.train(x)
     _, ids = model.index.search(x, 1)
     return ids[:, 0]
