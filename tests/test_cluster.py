@@ -67,6 +67,7 @@ def test_standardise_and_pca() -> None:
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(0), 1, atol=1e-4)
     assert cluster.pca(z, 2).shape == (500, 2)
+    assert cluster.pca(z[:3], 2).shape == (3, 2) and cluster.pca(z[:1], 2).shape == (1, 1)
 
 
 def test_features_that_carry_the_classes_cluster_perfectly() -> None:

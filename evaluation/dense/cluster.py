@@ -41,9 +41,13 @@ def standardise(x: np.ndarray) -> np.ndarray:
 
 
 def pca(x: np.ndarray, dim: int) -> np.ndarray:
-    """x projected on its `dim` leading principal components (FAISS PCAMatrix)."""
+    """x projected on its `dim` leading principal components (FAISS PCAMatrix).
+
+    With fewer points than `dim` (tiny sets), at most as many components as points are kept.
+    """
     faiss = import_faiss()
     x = np.ascontiguousarray(x, dtype=np.float32)
+    dim = min(dim, x.shape[0])
     if dim >= x.shape[1]:
         return x
     matrix = faiss.PCAMatrix(x.shape[1], dim)

@@ -44,13 +44,15 @@ def colourise(labels: Tensor, palette: Sequence[Sequence[int]]) -> np.ndarray:
     return table_[index]
 
 
-def _figure(rows: int, cols: int, scale: float = 2.0):
+def _figure(rows: int, cols: int, scale: float = 2.0, aspect: float = 1.0):
+    """A rows x cols grid of axes without ticks; each cell `scale` high, `aspect` x as wide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, cols, figsize=(scale * cols, scale * rows), squeeze=False)
+    size = (scale * aspect * cols, scale * rows + 0.4)
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     return fig, axes
