@@ -167,3 +167,27 @@ def test_every_protocol_runs_a_timm_vit(protocol: str, tiny_demo: Path, tmp_path
     if protocol == "corr":
         assert set(result["results"]) == {"features", "position-only", "random-init features"}
         assert {"all", "object", "background"} <= set(result["results"]["features"])
+
+
+def test_corr_on_a_plain_image_folder(tmp_path: Path) -> None:
+    """No masks needed: any folder of images (here 3 PNGs in a subfolder) gives 'all' only."""
+    from densedino.models.vit import VisionTransformer
+    from densedino.weights import save_backbone
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    ckpt = save_backbone(vit, tmp_path / "export" / "backbone.safetensors")
+    out = tmp_path / "corr.json"
+    argv = ["corr", "--checkpoint", ckpt, "--data", tmp_path / "images", "--size", "32"]
+    argv += ["--out", out, "--figure-images", "0", "--quiet"]
+    assert eval_main([str(a) for a in argv]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and "figure" not in result
+    assert set(result["results"]["features"]) == {"all"}
+    with pytest.raises(ValueError, match="no images"):
+        eval_main([str(a) for a in [*argv[:4], tmp_path / "export", *argv[5:]]])

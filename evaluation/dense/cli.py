@@ -177,7 +177,11 @@ def _device(args: argparse.Namespace) -> torch.device:
 def _work_dir(args: argparse.Namespace) -> Path:
     if args.work_dir is not None:
         return args.work_dir
-    name = (args.checkpoint or Path(args.timm_name or "model")).stem
+    if args.checkpoint is not None:  # exported backbones share a file name: add the folder
+        parts = [p for p in args.checkpoint.resolve().parts[-3:-1] if p not in ("export", "/")]
+        name = "_".join([*parts[-1:], args.checkpoint.stem])
+    else:
+        name = args.timm_name or "model"
     return Path("work_dirs") / "dense" / f"{name}_{args.protocol}_{args.preset}"
 
 
