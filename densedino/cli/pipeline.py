@@ -27,9 +27,11 @@ SEG_CONFIG = "configs/seg/leopart_linear_demo.py"  # the seg probe's `demo` prot
 # The dense protocols at their `demo` presets; overclustering at K = the 11 classes and 100,
 # one k-means restart per seed (300 and 500, and 5 restarts, would add minutes per model on 2
 # cores: 5 seeds x 5 restarts at K 11 + 100 took 3.5 CPU-min on 100 val images). corr's
-# random-init row is the pipeline's own random-init model.
+# random-init row is the pipeline's own random-init model. hbird's memory comes from the first
+# 800 trainaug images (64 patches each; val stays whole): a ViT-T/8 forward at 128 px costs
+# about 0.17 CPU-s per image here, so the 1,600 would add about 2 min per model.
 DENSE_OPTIONS = {
-    "hbird": [],
+    "hbird": ["--max-images", "800"],
     "cluster": ["--ks", "11", "100", "--restarts", "1"],
     "corr": ["--no-random-baseline"],
 }
