@@ -1,5 +1,9 @@
 """k-NN search: FAISS (densedino.evaluation) vs DINO's chunked torch brute force, on CPU.
 
+Methods: ``faiss`` = densedino's exact search on the bank where it lies (``faiss.knn``, no
+copy); ``flatip`` = the bank copied into a FAISS ``IndexFlatIP`` (the previous approach);
+``ivf`` = an IVF index; ``torch`` = DINO's loop.
+
 Random clustered, L2-normalised features (a bank of N x D with C classes, Q queries) are
 written once to a temporary folder; each method then runs in its own subprocess so that its
 peak resident memory (``resource.getrusage(...).ru_maxrss``) is its own. Prints wall time,
@@ -8,6 +12,7 @@ peak RSS, RSS above the loaded features, and top-1/top-5 for every k.
     python benchmarks/bench_knn.py                                   # 200k x 384, 10k queries
     python benchmarks/bench_knn.py --bank 50000 --queries 5000       # smaller
     python benchmarks/bench_knn.py --methods faiss ivf --nprobe 16   # with an IVF index
+    python benchmarks/bench_knn.py --bank 1000000 --queries 2000 --methods faiss  # 1M bank
 
 DINO (eval_knn.py) runs its loop once per k; FAISS searches once at max(k).
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("faiss", "torch", "ivf")
+METHODS = ("faiss", "flatip", "torch", "ivf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,12 +84,19 @@ def write_features(args: argparse.Namespace, folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- workers
-def run_faiss(args: argparse.Namespace, data: dict[str, np.ndarray], ivf: bool) -> dict:
+def run_faiss(args: argparse.Namespace, data: dict[str, np.ndarray], kind: str) -> dict:
+    import faiss
+
     from densedino.evaluation.knn import IndexSpec, build_index, index_recall, knn_evaluate
 
+    ivf = kind == "ivf"
     spec = IndexSpec("ivf", args.nlist, args.nprobe, gpu=False) if ivf else IndexSpec(gpu=False)
     start = time.perf_counter()
-    index = build_index(data["train"], spec)
+    if kind == "flatip":  # the bank copied into an index, as before
+        index = faiss.IndexFlatIP(args.dim)
+        index.add(data["train"])
+    else:
+        index = build_index(data["train"], spec)
     built = time.perf_counter()
     acc = knn_evaluate(
         None,
@@ -163,11 +175,7 @@ def worker(args: argparse.Namespace) -> None:
         for name in ("train", "train_labels", "query", "query_labels")
     }
     baseline = peak_rss_mb()
-    result = (
-        run_torch(args, data)
-        if args.worker == "torch"
-        else run_faiss(args, data, ivf=args.worker == "ivf")
-    )
+    result = run_torch(args, data) if args.worker == "torch" else run_faiss(args, data, args.worker)
     result.update(peak_rss_mb=peak_rss_mb(), loaded_rss_mb=baseline)
     print(json.dumps(result))
 
@@ -220,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
                 + ", ".join(f"@{k} {v:.3f}" for k, v in r["recall"].items())
             )
     if {"faiss", "torch"} <= results.keys():
+        base, new = results["torch"], results["faiss"]
+        print(
+            f"faiss / torch: time {new['seconds'] / base['seconds']:.3f}, memory above data "
+            f"{new['peak_rss_mb'] - new['loaded_rss_mb']:.0f} vs "
+            f"{base['peak_rss_mb'] - base['loaded_rss_mb']:.0f} MiB"
+        )
         same = all(
             results["faiss"]["acc"][str(k)][0] == results["torch"]["acc"][str(k)][0] for k in args.k
         )

@@ -6,10 +6,12 @@ normalised per query (divided by their sum, i.e. a softmax of ``sim / T`` over t
 summed per class): the ranking is DINO's, and small temperatures can neither overflow nor
 underflow to all-zero rows.
 
-Search is FAISS: exact inner product (``IndexFlatIP``) by default, optionally an IVF index for
-large banks; on every GPU FAISS sees (``index_cpu_to_all_gpus``), on the CPU otherwise. Queries
-are streamed in chunks, so memory is the index (the bank in float32) plus a fixed working set of
-``chunk_size x max(k)`` neighbours and ``chunk_size x num_classes`` scores.
+Search is FAISS. Exact search on the CPU reads the bank where it lies (:class:`BankSearch`:
+``faiss.knn`` on the array itself, or on float32 blocks of a float16 / strided bank merged in a
+``ResultHeap``), so no second copy of the bank is ever made; an IVF index (approximate, for
+large banks) and GPU indexes (``index_cpu_to_all_gpus``, the bank in GPU memory) are options.
+Queries are streamed in chunks, so host memory is the bank plus a fixed working set of
+``chunk_size x max(k)`` neighbours, ``chunk_size x num_classes`` scores and FAISS' BLAS tiles.
 
 Several k are evaluated with ONE search at max(k): neighbours come back sorted by similarity,
 so the k' nearest for k' < max(k) are a prefix.
@@ -37,6 +39,7 @@ DEFAULT_CHUNK_SIZE = 4096
 DEFAULT_TEMPERATURE = 0.07
 MAX_GPU_K = 2048  # FAISS GPU indexes cannot return more neighbours than this
 _ADD_CHUNK = 65536  # bank rows cast to float32 and added to the index at a time
+BANK_BLOCK_ROWS = 65536  # rows of a non-float32 bank cast to float32 at a time by BankSearch
 _NORM_SAMPLE = 1024  # rows checked for unit norm (a cheap guard, not a full pass)
 _NORM_TOLERANCE = 1e-2  # loose enough for features cached in float16
 
@@ -110,6 +113,45 @@ def check_temperature(temperature: float) -> float:
 
 
 # ---------------------------------------------------------------------------------- index
+class BankSearch:
+    """Exact inner-product k-NN over a bank [N, D] searched where it lies: no index, no copy.
+
+    A C-contiguous float32 bank (numpy, a memory map, or a CPU tensor's buffer) is handed to
+    ``faiss.knn`` as is; any other bank (float16, strided) is cast to float32 one block of
+    ``block_rows`` rows at a time and the per-block top-k merged with ``faiss.ResultHeap``.
+    Results equal ``IndexFlatIP.search`` (the same FAISS kernel). Quacks like a FAISS index
+    for what this module uses: ``ntotal``, ``d`` and ``search(queries, k)``.
+    """
+
+    def __init__(self, bank: np.ndarray, *, block_rows: int = BANK_BLOCK_ROWS) -> None:
+        if bank.ndim != 2:
+            raise ValueError(f"the bank must be [N, D], got shape {tuple(bank.shape)}")
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        self.bank = bank
+        self.ntotal, self.d = int(bank.shape[0]), int(bank.shape[1])
+        self.block_rows = block_rows
+        self.direct = bank.dtype == np.float32 and bank.flags.c_contiguous
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims [n, k], ids [n, k]), sorted by decreasing similarity."""
+        faiss = import_faiss()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if k > self.ntotal:
+            raise ValueError(f"k={k} is larger than the training bank ({self.ntotal} features)")
+        if self.direct:
+            return faiss.knn(queries, self.bank, k, metric=faiss.METRIC_INNER_PRODUCT)
+        heap = faiss.ResultHeap(queries.shape[0], k, keep_max=True)
+        for start in range(0, self.ntotal, self.block_rows):
+            block = np.ascontiguousarray(self.bank[start : start + self.block_rows], np.float32)
+            sims, ids = faiss.knn(
+                queries, block, min(k, block.shape[0]), metric=faiss.METRIC_INNER_PRODUCT
+            )
+            heap.add_result(sims, ids + start)
+        heap.finalize()
+        return heap.D, heap.I
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """Which FAISS index to build over the training bank.
@@ -186,10 +228,11 @@ def _ivf_training_sample(bank: np.ndarray, nlist: int, seed: int = 0) -> np.ndar
 def build_index(
     bank: Features, spec: IndexSpec | None = None, *, progress: bool = False
 ) -> faiss.Index:
-    """A FAISS inner-product index holding `bank` ([N, D], L2-normalised), row i = id i.
+    """An inner-product search over `bank` ([N, D], L2-normalised), row i = id i.
 
-    The bank is added in float32 chunks, so a float16 or memory-mapped bank is never copied
-    whole.
+    Exact search on the CPU is a :class:`BankSearch` over the bank itself (no copy). A GPU or
+    IVF index gets the bank added in float32 chunks, so a float16 or memory-mapped bank is
+    never copied whole on the host.
     """
     faiss = import_faiss()
     spec = spec or IndexSpec()
@@ -197,10 +240,10 @@ def build_index(
     check_features("training features", array)
     size, dim = array.shape
     on_gpu = _uses_gpu(spec)
+    if spec.kind == "flat" and not on_gpu:
+        return BankSearch(array)
     if spec.kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-        if on_gpu:
-            index = _to_all_gpus(index, spec.gpu_fp16)
+        index = _to_all_gpus(faiss.IndexFlatIP(dim), spec.gpu_fp16)
     else:
         nlist, nprobe = resolved_ivf_params(spec, size)
         index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
@@ -222,6 +265,13 @@ def index_on_gpu(index: faiss.Index) -> bool:
 
 def describe_index(index: faiss.Index) -> str:
     """A short human-readable description, e.g. 'IndexIVFFlat(nlist=64, nprobe=8) on CPU'."""
+    if isinstance(index, BankSearch):
+        how = (
+            "faiss.knn on the bank"
+            if index.direct
+            else f"faiss.knn on {index.block_rows}-row blocks"
+        )
+        return f"exact search ({how}, no copy) on CPU"
     faiss = import_faiss()
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -233,7 +283,7 @@ def describe_index(index: faiss.Index) -> str:
 
 # ---------------------------------------------------------------------------------- search
 def search(
-    index: faiss.Index,
+    index: faiss.Index | BankSearch,
     queries: Features,
     k: int,
     *,
@@ -418,24 +468,17 @@ def knn_evaluate(
 
 # ---------------------------------------------------------------------------------- recall
 def exact_neighbours(
-    bank: Features, queries: Features, k: int, *, block_rows: int = 65536
+    bank: Features, queries: Features, k: int, *, block_rows: int = BANK_BLOCK_ROWS
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product neighbours (sims, ids), scanning the bank block by block.
 
     Memory: one float32 bank block plus the queries' results, never a second whole bank.
     """
-    faiss = import_faiss()
-    bank_np, queries_np = as_numpy(bank), np.ascontiguousarray(as_numpy(queries), np.float32)
+    bank_np = as_numpy(bank)
     check_k([k], bank_np.shape[0])
-    heap = faiss.ResultHeap(queries_np.shape[0], k, keep_max=True)
-    for start in range(0, bank_np.shape[0], block_rows):
-        block = np.ascontiguousarray(bank_np[start : start + block_rows], dtype=np.float32)
-        sims, ids = faiss.knn(
-            queries_np, block, min(k, block.shape[0]), metric=faiss.METRIC_INNER_PRODUCT
-        )
-        heap.add_result(sims, ids + start)
-    heap.finalize()
-    return heap.D, heap.I
+    searcher = BankSearch(bank_np, block_rows=block_rows)
+    searcher.direct = False  # always the block scan: the reference the recall test relies on
+    return searcher.search(as_numpy(queries), k)
 
 
 def neighbour_recall(

@@ -27,6 +27,7 @@ from densedino.evaluation import (
     knn_predict,
     scan_image_folder,
 )
+from densedino.evaluation.knn import BankSearch, describe_index
 
 NUM_CLASSES = 25
 KS = (1, 5, 20, 60)
@@ -531,3 +532,20 @@ def test_extraction_under_torch_distributed(tmp_path: Path) -> None:
     assert meta["world_size"] == 2
     assert single is not None
     np.testing.assert_array_equal(np.load(entry / "features.npy"), single.features)
+
+
+def test_exact_search_reads_the_bank_in_place(bank: tuple[torch.Tensor, ...]) -> None:
+    """No second copy of the bank: the CPU exact search holds the caller's array itself, and
+    a float16 bank scanned in blocks gives the neighbours of its float32 values."""
+    train, _, query, _ = bank
+    array = train.numpy()
+    index = build_index(array)
+    assert isinstance(index, BankSearch) and index.bank is array and index.direct
+    assert "no copy" in describe_index(index)
+    half = array.astype(np.float16)
+    blocks = BankSearch(half, block_rows=97)
+    assert not blocks.direct
+    sims, ids = blocks.search(query.numpy(), 20)
+    want_sims, want_ids = BankSearch(half.astype(np.float32)).search(query.numpy(), 20)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(sims, want_sims, rtol=1e-6)

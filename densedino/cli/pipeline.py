@@ -1,5 +1,5 @@
-"""The main job on the built-in data (`make demo`): data -> pretraining -> k-NN and VOC probe ->
-results -> figures.
+"""The main job on the built-in data (`make demo`): data -> pretraining -> k-NN, VOC probe and the
+dense protocols (hbird, cluster, corr) -> results -> figures.
 
 Every stage is the user-facing command it stands for (`densedino-data`, `densedino-train`,
 `densedino-eval`), run as a subprocess so its logs and progress show as they would by hand.
@@ -24,6 +24,17 @@ METHODS = {
 }
 KNN_K = (10, 20)
 SEG_CONFIG = "configs/seg/leopart_linear_demo.py"  # the seg probe's `demo` protocol
+# The dense protocols at their `demo` presets; overclustering at K = the 11 classes and 100,
+# one k-means restart per seed (300 and 500, and 5 restarts, would add minutes per model on 2
+# cores: 5 seeds x 5 restarts at K 11 + 100 took 3.5 CPU-min on 100 val images). corr's
+# random-init row is the pipeline's own random-init model. hbird's memory comes from the first
+# 800 trainaug images (64 patches each; val stays whole): a ViT-T/8 forward at 128 px costs
+# about 0.17 CPU-s per image here, so the 1,600 would add about 2 min per model.
+DENSE_OPTIONS = {
+    "hbird": ["--max-images", "800"],
+    "cluster": ["--ks", "11", "100", "--restarts", "1"],
+    "corr": ["--no-random-baseline"],
+}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,7 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m densedino.cli.pipeline",
         description="Run the main job on the built-in data: generate the dataset, pretrain DINO "
         "and DenseDINO with the same budget, evaluate both (and a random-init baseline) with "
-        "k-NN and the VOC linear probe, and write a results table and figures. Finished stages "
+        "k-NN, the VOC linear probe and the dense protocols (hbird, cluster, corr), and write "
+        "results tables and figures. Finished stages "
         "are reused when run again.",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("work_dirs/demo"))
@@ -150,6 +162,61 @@ def seg(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> di
     return json.loads(out.read_text())
 
 
+def dense(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> dict:
+    """hbird, cluster and corr at their `demo` presets; each reused while newer than the
+    checkpoint. Returns {protocol: results JSON}."""
+    results = {}
+    for protocol, options in DENSE_OPTIONS.items():
+        out = args.work_dir / "eval" / f"{protocol}_{name}.json"
+        if not (out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime):
+            run(
+                [sys.executable, "-m", "densedino.evaluation.cli", protocol, "--checkpoint",
+                 str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--preset",
+                 "demo", "--seed", str(args.seed), "--work-dir",
+                 str(args.work_dir / "eval" / f"{protocol}_{name}"), "--out", str(out), "--quiet",
+                 *options]
+            )  # fmt: skip
+        results[protocol] = json.loads(out.read_text())
+    return results
+
+
+def dense_summary(dense_results: dict) -> dict:
+    """{model: the headline figures of each dense protocol} (no timings: reproducible)."""
+    summary = {}
+    for name, result in dense_results.items():
+        corr = result["corr"]["results"]
+        summary[name] = {
+            "hbird_miou": result["hbird"]["results"]["mIoU"],
+            "cluster_miou": {k: r["mIoU_mean"] for k, r in result["cluster"]["results"].items()},
+            "corr_pck@0.1": {s: v.get("pck@0.1") for s, v in corr["features"].items()},
+            "corr_pck@0.1_position_only": corr["position-only"]["all"]["pck@0.1"],
+        }
+    return summary
+
+
+def dense_table(summary: dict) -> str:
+    """Markdown: one row per model, then the position-only matcher's correspondence."""
+    ks = list(next(iter(summary.values()))["cluster_miou"])
+    header = (
+        "| model | hbird mIoU | "
+        + " | ".join(f"cluster mIoU (K={k})" for k in ks)
+        + " | corr PCK@0.1 | object | background |"
+    )
+    lines = [header, "|---" * (len(ks) + 5) + "|"]
+    for name, row in summary.items():
+        pck = row["corr_pck@0.1"]
+        cells = [f"{row['hbird_miou']:.2f}", *(f"{row['cluster_miou'][k]:.2f}" for k in ks)]
+        cells += [
+            "-" if pck.get(s) is None else f"{pck[s]:.2f}" for s in ("all", "object", "background")
+        ]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    position = next(iter(summary.values()))["corr_pck@0.1_position_only"]
+    lines.append(
+        f"\nPosition-only matcher (same cell of view B, no pixel read): PCK@0.1 {position:.2f}"
+    )
+    return "\n".join(lines)
+
+
 def results_table(knn_results: dict, seg_results: dict) -> str:
     """The Markdown table: one row per model, k-NN top-1 for every k and the VOC mIoU."""
     header = "| model | " + " | ".join(f"k-NN top-1 (k={k})" for k in KNN_K) + " | VOC mIoU |"
@@ -162,10 +229,15 @@ def results_table(knn_results: dict, seg_results: dict) -> str:
 
 
 def write_results(
-    args: argparse.Namespace, knn_results: dict, seg_results: dict, figures: Sequence[Path] = ()
+    args: argparse.Namespace,
+    knn_results: dict,
+    seg_results: dict,
+    dense_results: dict,
+    figures: Sequence[Path] = (),
 ) -> Path:
-    """results.json and results.md (the table, then links to the figures)."""
+    """results.json and results.md (the table, links to the figures, the dense protocols)."""
     summary = {"knn": knn_results, "seg_miou": {k: v["mIoU"] for k, v in seg_results.items()}}
+    summary["dense"] = dense_summary(dense_results)
     (args.work_dir / "results.json").write_text(json.dumps(summary, indent=2))
     text = results_table(knn_results, seg_results) + "\n"
     if figures:
@@ -173,6 +245,8 @@ def write_results(
             f"- [{path.name}]({path.relative_to(args.work_dir).as_posix()})" for path in figures
         ]
         text += "\nFigures:\n\n" + "\n".join(links) + "\n"
+    text += "\nDense protocols (`densedino-eval hbird|cluster|corr --preset demo`):\n\n"
+    text += dense_table(summary["dense"]) + "\n"
     (args.work_dir / "results.md").write_text(text)
     return args.work_dir / "results.md"
 
@@ -193,14 +267,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage("3/5 evaluation: k-NN and VOC linear probe")
     knn_results = {name: knn(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
     seg_results = {name: seg(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
+    stage("3/5 evaluation: dense protocols (hbird, cluster, corr)")
+    dense_start = time.time()
+    dense_results = {name: dense(args, name, ckpt, data) for name, ckpt in checkpoints.items()}
+    print(f"(dense protocols: {time.time() - dense_start:.1f} s)")
     stage("4/5 results")
-    table = write_results(args, knn_results, seg_results)
+    table = write_results(args, knn_results, seg_results, dense_results)
     print(results_table(knn_results, seg_results))
+    print(dense_table(dense_summary(dense_results)))
     stage("5/5 figures")
     from densedino.plots import make_figures
 
     figures = make_figures(args.work_dir, list(METHODS), checkpoints, num_images=args.figure_images)
-    write_results(args, knn_results, seg_results, figures)
+    dense_figures = [
+        Path(result[protocol]["figure"])
+        for result in dense_results.values()
+        for protocol in DENSE_OPTIONS
+        if result[protocol].get("figure")
+    ]
+    write_results(args, knn_results, seg_results, dense_results, [*figures, *dense_figures])
     print(f"\nresults: {table} and {table.with_suffix('.json')}; total {time.time() - start:.0f} s")
     print("figures:", *(f"  {path}" for path in figures), sep="\n")
     best = checkpoints["densedino"]

@@ -1,0 +1,1 @@
+"""Dense protocols beyond the linear probe: retrieval (hbird), overclustering, correspondence."""
