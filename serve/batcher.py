@@ -1,10 +1,16 @@
-"""Micro-batching of concurrent requests: a bounded queue grouped by key, one worker thread.
+"""Continuous batching of concurrent requests: a bounded queue grouped by key, one worker thread.
 
-Items whose keys are equal (same task and input size) can share a forward pass. The dispatcher
-takes the group holding the oldest waiting item and sends it to the worker once it has
-``max_batch`` items or its oldest item has waited ``max_delay_s``; while the worker is busy,
-new items accumulate, so load turns into larger batches by itself. The model runs in a single
-worker thread, off the event loop, which therefore keeps answering health checks.
+Items whose keys are equal (same task and input size) can share a forward pass. A batch starts
+as soon as the worker is free and takes up to ``max_batch`` items of one group, whatever has
+queued meanwhile: nothing waits for a batch to fill, so a lone request goes straight to the
+model, and under load the items that arrive while the worker is busy form the next batch by
+themselves (the dynamic batching of TorchServe and Triton with no queue delay).
+
+When the worker frees up and several groups wait, the fullest one runs first (more images per
+forward pass) unless the oldest waiting item has waited ``max_delay_s`` or longer, in which case
+its group runs: ``max_delay_s`` bounds how long an item may be passed over for a fuller batch of
+another key, and 0 means first come, first served. The model runs in the single worker thread,
+off the event loop, which therefore keeps answering health checks.
 """
 
 from __future__ import annotations
@@ -142,17 +148,12 @@ class MicroBatcher(Generic[K, P, R]):
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
+            # The worker is free here: wait only if nothing is queued at all.
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # The first group in the ordered dict holds the oldest waiting item: a group leaves
-            # the dict only when emptied, and a new group is appended at the end.
-            key, group = next(iter(self._pending.items()))
-            deadline = group[0].arrival + self.max_delay_s
-            while len(group) < self.max_batch and (remaining := deadline - loop.time()) > 0:
-                self._arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            key = self._pick_group(loop.time())
+            group = self._pending[key]
             batch = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
             if not group:
                 del self._pending[key]
@@ -160,6 +161,18 @@ class MicroBatcher(Generic[K, P, R]):
             batch = [item for item in batch if not item.future.done()]  # caller gone
             if batch:
                 await self._execute(loop, key, batch)
+
+    def _pick_group(self, now: float) -> K:
+        """The key of the next batch: the fullest group, or the oldest item's once it is due.
+
+        The first group of the ordered dict holds the oldest waiting item: a group leaves the
+        dict only when emptied, and a new group is appended at the end.
+        """
+        oldest_key, oldest = next(iter(self._pending.items()))
+        if len(self._pending) == 1 or now - oldest[0].arrival >= self.max_delay_s:
+            return oldest_key
+        # max() keeps the first of equals, i.e. the group with the older head item.
+        return max(self._pending, key=lambda k: min(len(self._pending[k]), self.max_batch))
 
     async def _execute(
         self, loop: asyncio.AbstractEventLoop, key: K, batch: list[_Item[P, R]]
