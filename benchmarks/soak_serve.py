@@ -4,7 +4,7 @@ Usage: python benchmarks/soak_serve.py [--duration 300] [--concurrency 32] [--wa
        [--invalid-share 0.3] [--depth 4] [--url http://127.0.0.1:8000] [--json soak.json]
 
 Without ``--url`` the server runs as a subprocess (the real CLI, a checkpoint saved for the run,
-``--max-upload-mb 1``); with ``--url`` it soaks a running server instead (e.g. the container of
+``--max-upload-mb 1`` unless told otherwise); with ``--url`` it soaks a running server instead (e.g. the container of
 docker/compose.yaml, then pass ``--pid`` of its process for the RSS figures, or none). Only
 loopback URLs are accepted. ``--concurrency`` asyncio clients send, in a closed loop, requests
 drawn at random (seeded) from these kinds:
@@ -46,7 +46,6 @@ import numpy as np
 from PIL import Image
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-MAX_UPLOAD_MB = 1.0
 SIZE = 64  # model input side of the valid requests (small: many requests per second)
 
 
@@ -104,7 +103,7 @@ class Kind:
     disconnect: bool = False  # send half the request, then hang up: no answer expected
 
 
-def kinds(host: str) -> list[Kind]:
+def kinds(host: str, max_upload_mb: float) -> list[Kind]:
     """Every request kind of the mix, built once."""
     jpeg = photo(96, 0)
     ok = lambda s: s == 200  # noqa: E731
@@ -122,7 +121,7 @@ def kinds(host: str) -> list[Kind]:
 
     b64 = base64.b64encode(jpeg).decode()
     huge_pixels = encode(Image.new("RGB", (5000, 5000), (30, 60, 90)), "PNG")  # small bytes
-    oversize = int(2 * MAX_UPLOAD_MB * 2**20)
+    oversize = int(2 * max_upload_mb * 2**20)  # declared only: the server refuses it unread
     features = post(
         "/v1/features", form([("output", "cls"), ("size", str(SIZE))], [("images", jpeg)])
     )
@@ -260,11 +259,13 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def start_server(checkpoint: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(
+    checkpoint: Path, port: int, threads: int, max_upload_mb: float
+) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "densedino.serve.cli", "--checkpoint", str(checkpoint),
         "--port", str(port), "--max-batch", "16", "--max-queue", "256",
-        "--max-upload-mb", str(MAX_UPLOAD_MB), "--max-pixels", str(1024 * 1024),
+        "--max-upload-mb", str(max_upload_mb), "--max-pixels", str(1024 * 1024),
         "--threads", str(threads), "--log-level", "warning",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "DENSEDINO_API_KEY"}
@@ -305,7 +306,7 @@ async def sample_rss(pid: int | None, every_s: float, out: list[tuple[float, flo
 
 
 async def soak(args: argparse.Namespace, host: str, port: int, pid: int | None) -> dict:
-    mix = kinds(f"{host}:{port}")
+    mix = kinds(f"{host}:{port}", args.max_upload_mb)
     weights = [
         (1 - args.invalid_share) / 2 if k.valid else args.invalid_share / (len(mix) - 2)
         for k in mix
@@ -388,6 +389,13 @@ def main() -> None:
     parser.add_argument("--arch", default="vit_tiny")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=1.0,
+        help="the server's body limit (passed to the spawned server; with --url, state the "
+        "running server's, 16 by default): the oversize request declares twice as much",
+    )
     parser.add_argument("--url", default=None, help="soak this running server (loopback only)")
     parser.add_argument("--pid", type=int, default=None, help="its process id, for RSS")
     parser.add_argument("--rss-every", type=float, default=5.0, help="RSS sampling period (s)")
@@ -415,7 +423,7 @@ def main() -> None:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 host, port = "127.0.0.1", sock.getsockname()[1]
-            process = start_server(checkpoint, port, args.threads)
+            process = start_server(checkpoint, port, args.threads, args.max_upload_mb)
             pid = process.pid
         try:
             wait_ready(f"http://{host}:{port}", process)
