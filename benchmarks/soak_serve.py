@@ -4,9 +4,9 @@ Usage: python benchmarks/soak_serve.py [--duration 300] [--concurrency 32] [--wa
        [--invalid-share 0.3] [--depth 4] [--url http://127.0.0.1:8000] [--json soak.json]
 
 Without ``--url`` the server runs as a subprocess (the real CLI, a checkpoint saved for the run,
-``--max-upload-mb 1`` unless told otherwise); with ``--url`` it soaks a running server instead (e.g. the container of
-docker/compose.yaml, then pass ``--pid`` of its process for the RSS figures, or none). Only
-loopback URLs are accepted. ``--concurrency`` asyncio clients send, in a closed loop, requests
+``--max-upload-mb 1`` unless told otherwise); with ``--url`` it soaks a running server instead
+(e.g. a container: pass ``--pid`` of its process for the RSS figures, and its
+``--max-upload-mb``). Only loopback URLs are accepted. ``--concurrency`` asyncio clients send, in a closed loop, requests
 drawn at random (seeded) from these kinds:
 
 - valid: ``features`` (multipart JPEG), ``attention`` (JSON, base64, with a point) -> 200;
