@@ -6,8 +6,8 @@ Usage: python benchmarks/soak_serve.py [--duration 300] [--concurrency 32] [--wa
 Without ``--url`` the server runs as a subprocess (the real CLI, a checkpoint saved for the run,
 ``--max-upload-mb 1`` unless told otherwise); with ``--url`` it soaks a running server instead
 (e.g. a container: pass ``--pid`` of its process for the RSS figures, and its
-``--max-upload-mb``). Only loopback URLs are accepted. ``--concurrency`` asyncio clients send, in a closed loop, requests
-drawn at random (seeded) from these kinds:
+``--max-upload-mb``). Only loopback URLs are accepted. ``--concurrency`` asyncio clients
+send, in a closed loop, requests drawn at random (seeded) from these kinds:
 
 - valid: ``features`` (multipart JPEG), ``attention`` (JSON, base64, with a point) -> 200;
 - invalid: bad image bytes, bad base64, an oversize body (declared over the limit), too many
