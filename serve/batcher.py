@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -43,7 +44,8 @@ class BatcherClosedError(RuntimeError):
 class _Item(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
-    arrival: float
+    arrival: float  # loop time: how long it has waited
+    seq: int  # arrival order (loop times of one tick can be equal on coarse clocks)
 
 
 class MicroBatcher(Generic[K, P, R]):
@@ -70,6 +72,7 @@ class MicroBatcher(Generic[K, P, R]):
         self._on_batch = on_batch
         self._pending: OrderedDict[K, deque[_Item[P, R]]] = OrderedDict()
         self._size = 0
+        self._seq = itertools.count()
         self._in_flight: list[_Item[P, R]] = []
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -128,7 +131,7 @@ class MicroBatcher(Generic[K, P, R]):
         loop = asyncio.get_running_loop()
         futures = []
         for key, payload in items:
-            item: _Item[P, R] = _Item(payload, loop.create_future(), loop.time())
+            item: _Item[P, R] = _Item(payload, loop.create_future(), loop.time(), next(self._seq))
             self._pending.setdefault(key, deque()).append(item)
             futures.append(item.future)
         self._size += len(items)
@@ -165,14 +168,17 @@ class MicroBatcher(Generic[K, P, R]):
     def _pick_group(self, now: float) -> K:
         """The key of the next batch: the fullest group, or the oldest item's once it is due.
 
-        The first group of the ordered dict holds the oldest waiting item: a group leaves the
-        dict only when emptied, and a new group is appended at the end.
+        Each group is in arrival order, so its head is its oldest item; the groups are few (one
+        per task and input size), so scanning them is cheap.
         """
-        oldest_key, oldest = next(iter(self._pending.items()))
-        if len(self._pending) == 1 or now - oldest[0].arrival >= self.max_delay_s:
+        pending = self._pending
+        oldest_key = min(pending, key=lambda k: pending[k][0].seq)
+        if len(pending) == 1 or now - pending[oldest_key][0].arrival >= self.max_delay_s:
             return oldest_key
-        # max() keeps the first of equals, i.e. the group with the older head item.
-        return max(self._pending, key=lambda k: min(len(self._pending[k]), self.max_batch))
+        # Ties go to the group with the older head item.
+        return max(
+            pending, key=lambda k: (min(len(pending[k]), self.max_batch), -pending[k][0].seq)
+        )
 
     async def _execute(
         self, loop: asyncio.AbstractEventLoop, key: K, batch: list[_Item[P, R]]

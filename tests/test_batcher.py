@@ -139,6 +139,25 @@ def test_max_delay_bounds_how_long_a_group_is_passed_over(max_delay_s, order):
     assert [key for key, _ in worker.batches] == order
 
 
+def test_first_come_first_served_by_head_item_across_groups():
+    """With max_delay_s 0 the group whose head waited longest runs next, also after a group
+    was partly drained (its remaining head is then younger than another group's)."""
+    worker = Worker()
+
+    async def body(batcher: MicroBatcher) -> None:
+        first = await busy_with_first(batcher, worker, "a")
+        futures = [
+            *batcher.submit([("a", 1), ("a", 2)]),
+            *batcher.submit([("b", 3)]),
+            *batcher.submit([("a", 4)]),
+        ]
+        worker.release()
+        await asyncio.gather(first, *futures)
+
+    run_with(worker, body, max_delay_s=0.0, max_batch=2)
+    assert worker.batches == [("a", [0]), ("a", [1, 2]), ("b", [3]), ("a", [4])]
+
+
 def test_full_queue_refuses_all_or_nothing_and_stop_fails_waiting_items():
     worker = Worker()
 
