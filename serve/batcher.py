@@ -1,16 +1,23 @@
-"""Micro-batching of concurrent requests: a bounded queue grouped by key, one worker thread.
+"""Continuous batching of concurrent requests: a bounded queue grouped by key, one worker thread.
 
-Items whose keys are equal (same task and input size) can share a forward pass. The dispatcher
-takes the group holding the oldest waiting item and sends it to the worker once it has
-``max_batch`` items or its oldest item has waited ``max_delay_s``; while the worker is busy,
-new items accumulate, so load turns into larger batches by itself. The model runs in a single
-worker thread, off the event loop, which therefore keeps answering health checks.
+Items whose keys are equal (same task and input size) can share a forward pass. A batch starts
+as soon as the worker is free and takes up to ``max_batch`` items of one group, whatever has
+queued meanwhile: nothing waits for a batch to fill, so a lone request goes straight to the
+model, and under load the items that arrive while the worker is busy form the next batch by
+themselves (the dynamic batching of TorchServe and Triton with no queue delay).
+
+When the worker frees up and several groups wait, the fullest one runs first (more images per
+forward pass) unless the oldest waiting item has waited ``max_delay_s`` or longer, in which case
+its group runs: ``max_delay_s`` bounds how long an item may be passed over for a fuller batch of
+another key, and 0 means first come, first served. The model runs in the single worker thread,
+off the event loop, which therefore keeps answering health checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -37,7 +44,8 @@ class BatcherClosedError(RuntimeError):
 class _Item(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
-    arrival: float
+    arrival: float  # loop time: how long it has waited
+    seq: int  # arrival order (loop times of one tick can be equal on coarse clocks)
 
 
 class MicroBatcher(Generic[K, P, R]):
@@ -64,6 +72,7 @@ class MicroBatcher(Generic[K, P, R]):
         self._on_batch = on_batch
         self._pending: OrderedDict[K, deque[_Item[P, R]]] = OrderedDict()
         self._size = 0
+        self._seq = itertools.count()
         self._in_flight: list[_Item[P, R]] = []
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -122,7 +131,7 @@ class MicroBatcher(Generic[K, P, R]):
         loop = asyncio.get_running_loop()
         futures = []
         for key, payload in items:
-            item: _Item[P, R] = _Item(payload, loop.create_future(), loop.time())
+            item: _Item[P, R] = _Item(payload, loop.create_future(), loop.time(), next(self._seq))
             self._pending.setdefault(key, deque()).append(item)
             futures.append(item.future)
         self._size += len(items)
@@ -142,17 +151,12 @@ class MicroBatcher(Generic[K, P, R]):
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
+            # The worker is free here: wait only if nothing is queued at all.
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # The first group in the ordered dict holds the oldest waiting item: a group leaves
-            # the dict only when emptied, and a new group is appended at the end.
-            key, group = next(iter(self._pending.items()))
-            deadline = group[0].arrival + self.max_delay_s
-            while len(group) < self.max_batch and (remaining := deadline - loop.time()) > 0:
-                self._arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
+            key = self._pick_group(loop.time())
+            group = self._pending[key]
             batch = [group.popleft() for _ in range(min(self.max_batch, len(group)))]
             if not group:
                 del self._pending[key]
@@ -160,6 +164,21 @@ class MicroBatcher(Generic[K, P, R]):
             batch = [item for item in batch if not item.future.done()]  # caller gone
             if batch:
                 await self._execute(loop, key, batch)
+
+    def _pick_group(self, now: float) -> K:
+        """The key of the next batch: the fullest group, or the oldest item's once it is due.
+
+        Each group is in arrival order, so its head is its oldest item; the groups are few (one
+        per task and input size), so scanning them is cheap.
+        """
+        pending = self._pending
+        oldest_key = min(pending, key=lambda k: pending[k][0].seq)
+        if len(pending) == 1 or now - pending[oldest_key][0].arrival >= self.max_delay_s:
+            return oldest_key
+        # Ties go to the group with the older head item.
+        return max(
+            pending, key=lambda k: (min(len(pending[k]), self.max_batch), -pending[k][0].seq)
+        )
 
     async def _execute(
         self, loop: asyncio.AbstractEventLoop, key: K, batch: list[_Item[P, R]]

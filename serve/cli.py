@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-batch", type=int, default=16, help="images per forward pass")
     parser.add_argument(
-        "--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill"
+        "--max-delay-ms",
+        type=float,
+        default=5.0,
+        help="batches never wait to fill (a batch starts as soon as the model is free, with "
+        "what has queued); when inputs of several tasks/sizes wait, the fullest group runs "
+        "first unless an image has waited this long (0: first come, first served)",
     )
     parser.add_argument(
         "--max-queue", type=int, default=128, help="waiting images before answering 503"
