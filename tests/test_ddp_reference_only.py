@@ -15,12 +15,12 @@ from densedino.data import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 
-# 30 scenes -> 24 training images; 2 ranks x batches of 4 -> 3 iterations in one epoch.
+# 36 scenes -> 26 training images: 13 per rank, batches of 4 -> 3 iterations in one epoch.
 CONFIG = small_run_config("densedino_vit-t_demo.py", "alpha=0.0, ")
 
 
 def test_reference_loss_alone_trains_under_ddp(tmp_path: Path) -> None:
-    data = write_demo_dataset(tmp_path / "demo", num_images=30, image_size=64, workers=1)
+    data = write_demo_dataset(tmp_path / "demo", num_images=36, image_size=64, workers=1)
     config = tmp_path / "ref_only.py"
     config.write_text(CONFIG)
     work = tmp_path / "run"
