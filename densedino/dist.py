@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+import traceback
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -37,14 +39,26 @@ R = TypeVar("R")
 
 
 def finishes_process_group(entry: Callable[P, R]) -> Callable[P, R]:
-    """Decorate a command's entry point so that every rank runs
-    :func:`finish_process_group` when it returns or raises."""
+    """Decorate a command's entry point so that every rank runs :func:`finish_process_group`
+    when it returns.
+
+    A rank that raises prints its traceback at once and leaves without the barrier: the other
+    ranks may be waiting in a collective it will never join, so a barrier would hang the job
+    with the error unprinted; torchrun stops the other ranks when this one exits.
+    """
 
     @functools.wraps(entry)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return entry(*args, **kwargs)
-        finally:
-            finish_process_group()
+            result = entry(*args, **kwargs)
+        except BaseException:
+            if dist.is_available() and dist.is_initialized():
+                rank = dist.get_rank()
+                print(f"[rank {rank}] failed:", file=sys.stderr, flush=True)
+                traceback.print_exc()
+                sys.stderr.flush()
+            raise
+        finish_process_group()
+        return result
 
     return wrapper
