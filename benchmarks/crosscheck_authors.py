@@ -560,6 +560,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        # our position interpolation at a non-native grid (the option exists since a24d05a)
+        "pos_interp_default": getattr(
+            build_backbone("vit_tiny", depth=1), "pos_interp", "timm (no option)"
+        ),
         "authors_files_sha256_16": {
             f: _sha256(args.authors_repo / f)
             for f in ("vision_transformer.py", "main_dino.py", "utils.py")
@@ -645,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
     dino_vits = load_dino(args.dino_repo) if args.dino_repo is not None else None
     result: dict[str, Any] = {"environment": environment(args), "tol": args.tol}
     print(
-        f"densedino {result['environment']['densedino_commit']}, torch {torch.__version__}, "
+        f"densedino {result['environment']['densedino_commit']} (pos_interp "
+        f"{result['environment']['pos_interp_default']}), torch {torch.__version__}, "
         f"timm {timm.__version__}, {args.arch}/{args.patch_size}, out_dim {args.out_dim}, "
         f"{torch.get_num_threads()} threads"
     )
