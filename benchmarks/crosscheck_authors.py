@@ -480,7 +480,11 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     started = time.perf_counter()
+    rounds = 0
     for i in range(args.timing_steps + 1):
+        if i > 1 and time.perf_counter() - started > args.timing_budget_s:
+            print_progress(f"timing budget of {args.timing_budget_s:.0f} s spent: stopping")
+            break
         for name, fn in steps.items():
             fwd_bwd, update = timed(fn)
             if i > 0:  # the first step of each warms up allocators
@@ -489,6 +493,7 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
                 f"timing step {i}/{args.timing_steps} {name:16s} fwd+bwd {fwd_bwd:6.2f} s, "
                 f"update {update:5.2f} s{'' if i else ' (warm-up)'}"
             )
+        rounds = i
     medians = {
         name: {
             "fwd_bwd_s": statistics.median(t[0] for t in values),
@@ -506,8 +511,9 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
             f"{args.arch}/{args.patch_size}, {args.timing_batch} images x 4 views of 224 px, "
             f"2 teacher views, K = {args.timing_points}, out_dim {args.out_dim}, CLS and "
             f"reference loss on all pairs, {torch.get_num_threads()} threads, median of "
-            f"{args.timing_steps} alternating steps"
+            f"{rounds} alternating steps"
         ),
+        "complete": rounds == args.timing_steps,
         "medians": medians,
         "ratios": {
             "ours/theirs DenseDINO": ratio("ours DenseDINO", "theirs DenseDINO"),
@@ -629,6 +635,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--timing-steps", type=int, default=5, help="timed steps of each (+1 warm-up)"
     )
+    parser.add_argument(
+        "--timing-budget-s",
+        type=float,
+        default=900.0,
+        help="timing part: start no new round of steps after this many seconds (at least one "
+        "timed round always runs; the JSON says whether all --timing-steps ran)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
         "--tol",
@@ -705,7 +718,8 @@ def main(argv: list[str] | None = None) -> None:
     if "timing" in args.parts:
         result["timing"] = timing(authors, args)
         t = result["timing"]
-        print(f"\nTraining step time, {t['setting']}:")
+        note = "" if t["complete"] else f" (stopped by --timing-budget-s {args.timing_budget_s:g})"
+        print(f"\nTraining step time, {t['setting']}{note}:")
         rows = [
             {
                 "name": k,
