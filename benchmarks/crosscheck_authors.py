@@ -398,13 +398,16 @@ def step_case(
 
 
 # ------------------------------------------------------------------------------------- timing
-def timed(fn: Callable[[], Callable[[], None]]) -> tuple[float, float]:
-    """Run ``fn`` (forward + backward; returns the update to run next): seconds of both."""
+def timed(fn: Callable[[], Callable[[], None]]) -> tuple[float, float, float]:
+    """Run ``fn`` (forward + backward; returns the update to run next): wall seconds of both
+    and CPU seconds of the whole step (all threads; on a crowded machine the wall time mostly
+    measures waiting, the CPU time the work)."""
+    cpu = time.process_time()
     start = time.perf_counter()
     update = fn()
     mid = time.perf_counter()
     update()
-    return mid - start, time.perf_counter() - mid
+    return mid - start, time.perf_counter() - mid, time.process_time() - cpu
 
 
 def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]:
@@ -486,12 +489,12 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
             print_progress(f"timing budget of {args.timing_budget_s:.0f} s spent: stopping")
             break
         for name, fn in steps.items():
-            fwd_bwd, update = timed(fn)
+            fwd_bwd, update, cpu = timed(fn)
             if i > 0:  # the first step of each warms up allocators
-                times[name].append((fwd_bwd, update))
+                times[name].append((fwd_bwd, update, cpu))
             print_progress(
                 f"timing step {i}/{args.timing_steps} {name:16s} fwd+bwd {fwd_bwd:6.2f} s, "
-                f"update {update:5.2f} s{'' if i else ' (warm-up)'}"
+                f"update {update:5.2f} s, CPU {cpu:6.2f} s{'' if i else ' (warm-up)'}"
             )
         rounds = i
     medians = {
@@ -499,6 +502,7 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
             "fwd_bwd_s": statistics.median(t[0] for t in values),
             "step_s": statistics.median(t[0] + t[1] for t in values),
             "steps_s": [round(t[0] + t[1], 3) for t in values],
+            "cpu_s": statistics.median(t[2] for t in values),
         }
         for name, values in times.items()
     }
@@ -524,6 +528,10 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
                 "ours DenseDINO", "theirs DenseDINO", "fwd_bwd_s"
             ),
             "ours/theirs DINO fwd+bwd": ratio("ours DINO", "theirs DINO", "fwd_bwd_s"),
+            "ours/theirs DenseDINO CPU": ratio("ours DenseDINO", "theirs DenseDINO", "cpu_s"),
+            "ours/theirs DINO CPU": ratio("ours DINO", "theirs DINO", "cpu_s"),
+            "ours DenseDINO/DINO CPU": ratio("ours DenseDINO", "ours DINO", "cpu_s"),
+            "theirs DenseDINO/DINO CPU": ratio("theirs DenseDINO", "theirs DINO", "cpu_s"),
         },
         "wall_s": time.perf_counter() - started,
     }
@@ -726,6 +734,7 @@ def main(argv: list[str] | None = None) -> None:
                 "fwd_bwd": f"{v['fwd_bwd_s']:.3f}",
                 "step": f"{v['step_s']:.3f}",
                 "steps": ", ".join(f"{s:.2f}" for s in v["steps_s"]),
+                "cpu": f"{v['cpu_s']:.3f}",
             }
             for k, v in t["medians"].items()
         ]
@@ -737,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
                     ("fwd_bwd", "fwd+bwd s (median)"),
                     ("step", "step s (median)"),
                     ("steps", "steps s"),
+                    ("cpu", "CPU s (median)"),
                 ],
             )
         )
