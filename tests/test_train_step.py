@@ -9,11 +9,13 @@ import pytest
 import torch
 from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
+from torch import nn
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.methods.base import StepState
+from densedino.methods.dino import DINO
 from densedino.train.hooks import DeferredRuntimeInfoHook
-from densedino.train.model import SSLModel
+from densedino.train.model import SSLModel, clip_gradients
 from densedino.train.optim import dino_param_groups
 
 SMALL = dict(
@@ -33,6 +35,57 @@ def batch() -> dict:
     transform = MultiViewTransform(VIEWS)
     images = torch.randint(0, 256, (2, 3, 40, 48), dtype=torch.uint8, generator=generator)
     return collate_views([transform(img, generator=generator) for img in images])
+
+
+def loop_clip(module: nn.Module, max_norm: float) -> None:
+    """DINO's utils.clip_gradients (per-parameter loop), the reference."""
+    for param in module.parameters():
+        if param.grad is not None:
+            clip_coef = max_norm / (param.grad.data.norm(2) + 1e-6)
+            if clip_coef < 1:
+                param.grad.data.mul_(clip_coef)
+
+
+def test_foreach_clipping_equals_dinos_per_parameter_loop() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8), nn.Linear(8, 4))
+    scales = [0.01, 10.0, 1.0, 100.0, 0.1, 5.0]  # norms below and above the bound
+    for param, scale in zip(net.parameters(), scales, strict=True):
+        param.grad = torch.randn_like(param) * scale
+    net[3].bias.grad = None  # a parameter without gradient is left alone
+    reference = [p.grad.clone() if p.grad is not None else None for p in net.parameters()]
+    holder = nn.Module()
+    holder.params = nn.ParameterList(nn.Parameter(p.detach().clone()) for p in net.parameters())
+    for p, g in zip(holder.params, reference, strict=True):
+        p.grad = None if g is None else g.clone()
+    loop_clip(holder, 3.0)
+    clip_gradients(net, 3.0)
+    clipped = 0
+    for ours, theirs, before in zip(net.parameters(), holder.params, reference, strict=True):
+        if before is None:
+            assert ours.grad is None and theirs.grad is None
+            continue
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-6, atol=1e-6)
+        clipped += int(before.norm() > 3.0)
+        assert ours.grad.norm() <= 3.0 + 1e-4
+    assert clipped >= 2  # the bound was active on some parameters
+
+
+def test_foreach_ema_equals_the_per_parameter_loop() -> None:
+    method = DINO(**SMALL)
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(torch.randn_like(p))
+    student = dict(method.student.named_parameters())
+    expected = {}
+    for name, param_t in method.teacher.named_parameters():
+        ref = param_t.detach().clone()
+        ref.mul_(0.996).add_(student[name].detach(), alpha=1 - 0.996)
+        expected[name] = ref
+    method.update_teacher(0.996)
+    for name, param_t in method.teacher.named_parameters():
+        torch.testing.assert_close(param_t, expected[name], rtol=1e-6, atol=1e-6)
+        assert not param_t.requires_grad
 
 
 def test_a_non_finite_loss_raises_and_updates_nothing(batch: dict) -> None:
