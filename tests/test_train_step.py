@@ -143,3 +143,44 @@ def test_deferred_runtime_info_hands_every_value_over_at_log_intervals(monkeypat
     for key in ("loss", "lr"):
         values, _ = hub.log_scalars[f"train/{key}"].data
         assert list(values) == [entry[key] for entry in logged]
+
+
+METHOD_CONFIGS = {
+    "DINO": dict(SMALL, num_teacher=2),
+    "DenseDINO": dict(SMALL),
+    "SelfPatch": dict(SMALL, patch_out_dim=32),
+    "DenseCL": dict(
+        arch="vit_tiny",
+        patch_size=8,
+        feat_dim=16,
+        hidden_dim=32,
+        queue_len=10,
+        backbone=dict(img_size=32, depth=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_uint8_views_train_every_method_as_float_views_do(name: str) -> None:
+    """The train step normalises uint8 views itself: same loss as the float views' (to float32
+    rounding), and the step trains."""
+    cfg = ViewConfig(num_global=2, global_size=32, num_points=2, photometric=False)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 40, 48), dtype=torch.uint8, generator=generator)
+    batches = {}
+    for dtype in ("float32", "uint8"):
+        transform = MultiViewTransform(cfg, dtype=dtype)
+        gen = torch.Generator().manual_seed(2)
+        batches[dtype] = collate_views([transform(img, generator=gen) for img in images])
+    assert batches["uint8"]["views"][0].dtype == torch.uint8
+    torch.manual_seed(0)
+    reference = SSLModel(method=dict(type=name, **METHOD_CONFIGS[name]))
+    model = SSLModel(method=dict(type=name, **METHOD_CONFIGS[name]))
+    model.load_state_dict(reference.state_dict())
+    expected = reference.method.compute_losses(batches["float32"], StepState())["loss"]
+    wrapper = OptimWrapper(torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2))
+    before = {k: v.clone() for k, v in model.method.student.state_dict().items()}
+    outputs = model.train_step(dict(batches["uint8"]), wrapper)
+    torch.testing.assert_close(outputs["loss"], expected.detach(), rtol=1e-5, atol=1e-5)
+    after = model.method.student.state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in before.items())

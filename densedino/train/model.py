@@ -22,6 +22,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, MODELS
 from torch import Tensor, nn
 
+from densedino.data.views import normalize_views
 from densedino.methods import METHODS
 from densedino.methods.base import SSLMethod, StepState
 
@@ -113,7 +114,7 @@ def ssl_train_step(
 ) -> dict[str, Tensor]:
     """One optimisation step; ``forward_module`` is the model or its DDP wrapper."""
     with optim_wrapper.optim_context(forward_module):
-        batch = model.data_preprocessor(data, True)
+        batch = normalize_views(model.data_preprocessor(data, True))
         outputs = forward_module(mode="loss", **batch)
     loss = outputs.pop("loss")
     finite = FiniteFlag(loss)
