@@ -30,7 +30,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from densedino.models.vit import ARCHS, VisionTransformer, arch_name
+from densedino.models.vit import ARCHS, PosInterp, VisionTransformer, arch_name
 
 FORMAT_TAG = "densedino.backbone"
 _ARCH_KEYS = (
@@ -43,6 +43,7 @@ _ARCH_KEYS = (
     "img_size",
     "ref_content",
     "ref_padding",
+    "pos_interp",
 )
 _WHICH = ("teacher", "student")
 _HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
@@ -254,6 +255,8 @@ def _infer_config(
         "depth": depth,
         "ref_content": "learnable" if "ref_token" in state else "zero",
         "ref_padding": metadata.get("ref_padding", "zeros"),
+        # Files without the key predate it: they get DINO's interpolation, the default.
+        "pos_interp": metadata.get("pos_interp", "dino"),
     }
     if "img_size" in metadata:
         config["img_size"] = int(metadata["img_size"])
@@ -329,6 +332,7 @@ def load_backbone(
     arch: str | None = None,
     *,
     which: str = "teacher",
+    pos_interp: PosInterp | None = None,
 ) -> VisionTransformer:
     """Build a backbone from a checkpoint and return it in eval mode.
 
@@ -336,10 +340,14 @@ def load_backbone(
     and checked against them otherwise. ``which`` picks the teacher or the student of a
     training checkpoint. The model's ``img_size`` is the file's metadata or, without it, the
     size of the stored position grid (e.g. 384 for a 384-px timm model), so loading never
-    resamples the learned grid; other input sizes are interpolated at run time.
+    resamples the learned grid; other input sizes are interpolated at run time, as DINO does
+    (``pos_interp='dino'``, the default and what a file's metadata usually says) or as timm's
+    ``dynamic_img_size`` does (``'timm'``); the argument overrides the file's choice.
     """
     state, metadata = read_checkpoint(source, which)
     config = _infer_config(state, metadata, arch)
+    if pos_interp is not None:
+        config["pos_interp"] = pos_interp
     with torch.device("meta"):  # skip the random init: every tensor is loaded below
         model = VisionTransformer(**config)
     model.to_empty(device="cpu")
@@ -361,6 +369,7 @@ def backbone_metadata(model: VisionTransformer) -> dict[str, str]:
         "img_size": str(model.img_size),
         "ref_content": model.ref_content,
         "ref_padding": model.ref_padding,
+        "pos_interp": model.pos_interp,
     }
 
 

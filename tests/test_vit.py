@@ -147,22 +147,104 @@ def test_last_selfattention_masked_rows():
     torch.testing.assert_close(attn[:, :, others][..., others], plain, atol=ATOL, rtol=0)
 
 
-@torch.no_grad()
-def test_last_selfattention_equals_timm_block_attention():
-    model = tiny()
-    x = images(1, 64, 64)
-    points = random_points(1, 3)
-    captured: list[torch.Tensor] = []
-    last = model.blocks[-1].attn
-    last.fused_attn = False  # timm's explicit path passes the softmax through attn_drop
-    handle = last.attn_drop.register_forward_hook(lambda m, i, o: captured.append(o))
-    try:
-        model.forward_features(x, points)
-    finally:
-        handle.remove()
-    torch.testing.assert_close(
-        model.get_last_selfattention(x, points), captured[0], atol=1e-6, rtol=0
+def masked_oracle(
+    model: VisionTransformer, x: torch.Tensor, points: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The authors' formulation written out: one sequence [CLS | REF | PATCH], the additive
+    mask of ``reference_attention_mask`` in every block, explicit softmax attention.
+
+    Returns the final-norm features and the last block's attention [B, heads, L, L].
+    """
+    patches = model.patch_embed(x)
+    batch, gh, gw, dim = patches.shape
+    pos = model.patch_pos_embed((gh, gw))
+    cls = model.cls_token + model.pos_embed[:, :1]
+    seq = torch.cat(
+        [cls.expand(batch, -1, -1), model.reference_tokens(points), patches.flatten(1, 2) + pos], 1
     )
+    num_refs, length = points.shape[1], seq.shape[1]
+    bias = torch.zeros(length, length).masked_fill(
+        ~reference_attention_mask(num_refs, gh * gw), float("-inf")
+    )
+    heads = model.num_heads
+    for block in model.blocks:
+        qkv = block.attn.qkv(block.norm1(seq)).reshape(batch, length, 3, heads, dim // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5 + bias).softmax(-1)
+        seq = seq + block.attn.proj((attn @ v).transpose(1, 2).reshape(batch, length, dim))
+        seq = seq + block.mlp(block.norm2(seq))
+    out = model.norm(seq)
+    features = {
+        "cls": out[:, 0],
+        "ref": out[:, 1 : 1 + num_refs],
+        "patch": out[:, 1 + num_refs :].reshape(batch, gh, gw, dim),
+    }
+    return features, attn
+
+
+@pytest.mark.parametrize(
+    ("patch_size", "height", "width", "kw"),
+    [
+        (16, 64, 64, {}),
+        (16, 96, 64, {}),
+        (8, 48, 64, {"ref_content": "learnable", "ref_padding": "border"}),
+        (16, 48, 80, {"pos_interp": "timm"}),
+    ],
+)
+@torch.no_grad()
+def test_cross_attention_equals_masked_formulation(patch_size, height, width, kw):
+    model = tiny(patch_size, **kw)
+    x, points = images(2, height, width), random_points(2, 5)
+    expected, expected_attn = masked_oracle(model, x, points)
+    out = model.forward_features(x, points)
+    for key in ("cls", "patch", "ref"):
+        torch.testing.assert_close(out[key], expected[key], atol=ATOL, rtol=0)
+    attn = model.get_last_selfattention(x, points)
+    torch.testing.assert_close(attn, expected_attn, atol=1e-6, rtol=0)
+
+
+def test_cross_attention_gradients_equal_masked_formulation():
+    model = tiny(depth=2, ref_content="learnable")
+    x, points = images(2, 64, 80), random_points(2, 4)
+    weights = torch.randn(192, generator=torch.Generator().manual_seed(3))
+
+    def grads(features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        model.zero_grad()
+        loss = sum((features[k] * weights).square().mean() for k in ("cls", "patch", "ref"))
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ours = grads(model.forward_features(x, points))
+    oracle = grads(masked_oracle(model, x, points)[0])
+    for a, b in zip(ours, oracle, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_drop_path_draw_is_shared_by_references_and_patches():
+    """Under stochastic depth a sample's draw covers all its tokens, as in one masked sequence:
+    with the same seed, CLS and patches come out as without references."""
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=192, depth=4, num_heads=3, drop_path_rate=0.5
+    ).train()
+    x, points = images(8, 64, 64), random_points(8, 3)
+    torch.manual_seed(5)
+    plain = model.forward_features(x)
+    torch.manual_seed(5)
+    with_refs = model.forward_features(x, points)
+    torch.testing.assert_close(with_refs["cls"], plain["cls"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(with_refs["patch"], plain["patch"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -1.01])
+def test_bad_reference_points_are_refused(bad):
+    model = tiny()
+    points = random_points(1, 3)
+    points[0, 1, 0] = bad
+    with pytest.raises(ValueError, match=r"finite and inside \[-1, 1\]"):
+        model.forward_features(images(1, 64, 64), points)
+    edge = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]])  # the view's corners are allowed
+    assert model.forward_features(images(1, 64, 64), edge)["ref"].isfinite().all()
 
 
 @torch.no_grad()

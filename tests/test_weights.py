@@ -52,11 +52,19 @@ def assert_matches_timm(
 
 
 def test_timm_state_dict_gives_timm_features(timm_vit):
-    model = load_backbone(timm_vit.state_dict())
+    model = load_backbone(timm_vit.state_dict(), pos_interp="timm")
     assert not model.training
     assert (model.embed_dim, model.num_heads, model.depth, model.patch_size) == (384, 6, 12, 16)
-    assert_matches_timm(model, timm_vit, (224, 224))
-    assert_matches_timm(model, timm_vit, (224, 320))
+    for size in [(224, 224), (224, 320), (96, 96), (160, 160), (288, 288), (448, 448)]:
+        assert_matches_timm(model, timm_vit, size)
+
+
+def test_dino_interpolation_is_the_default_and_differs_from_timm_off_the_native_size(timm_vit):
+    model = load_backbone(timm_vit.state_dict())
+    assert model.pos_interp == "dino"
+    assert_matches_timm(model, timm_vit, (224, 224))  # the native grid: no interpolation
+    with pytest.raises(AssertionError):
+        assert_matches_timm(model, timm_vit, (96, 96))
 
 
 def test_dino_training_checkpoint(timm_vit, tmp_path):
@@ -180,7 +188,7 @@ def test_position_grid_of_another_size_is_kept():
     timm_384 = timm.create_model(
         "vit_small_patch16_384", pretrained=False, depth=2, dynamic_img_size=True
     ).eval()
-    model = load_backbone(timm_384.state_dict())
+    model = load_backbone(timm_384.state_dict(), pos_interp="timm")
     # The learned 24 x 24 grid is kept as is (img_size inferred) and resampled per input size,
     # exactly as timm does.
     assert model.pos_embed.shape == (1, 1 + 24 * 24, 384) and model.img_size == 384

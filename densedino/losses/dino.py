@@ -15,7 +15,14 @@ from torch import Tensor, nn
 
 from densedino.losses.centering import Center
 
-__all__ = ["CenteredLoss", "DINOLoss", "default_pairs", "teacher_probs"]
+__all__ = [
+    "CenteredLoss",
+    "DINOLoss",
+    "default_pairs",
+    "normalised_entropy",
+    "soft_cross_entropy",
+    "teacher_probs",
+]
 
 
 def check_temperature(name: str, value: float) -> None:
@@ -27,6 +34,22 @@ def check_temperature(name: str, value: float) -> None:
 def teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """Centered, sharpened and detached teacher distribution softmax((t - c) / tau_t)."""
     return F.softmax((teacher_out.detach().float() - center) / teacher_temp, dim=-1)
+
+
+def soft_cross_entropy(student_logits: Tensor, probs: Tensor, student_temp: float) -> Tensor:
+    """``-sum_c probs * log_softmax(student / tau_s)`` over the last dim, in float32."""
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -torch.sum(probs * log_p, dim=-1)
+
+
+def normalised_entropy(probs: Tensor) -> Tensor:
+    """Mean entropy of distributions [..., C] divided by log(C): 1 = uniform, 0 = one-hot.
+
+    For logging: take it from the probabilities the loss already computed, never a second
+    softmax of the logits.
+    """
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
+    return entropy / math.log(probs.shape[-1])
 
 
 def default_pairs(num_teacher: int, num_student: int) -> list[tuple[int, int]]:
@@ -88,10 +111,28 @@ class DINOLoss(CenteredLoss):
         pairs = default_pairs(num_teacher, num_student) if pairs is None else list(pairs)
         _check_pairs(pairs, num_teacher, num_student)
 
-        q = teacher_probs(teacher_out, self.center, teacher_temp)
+        return self.from_probs(
+            student, teacher_probs(teacher_out, self.center, teacher_temp), pairs
+        )
+
+    def from_probs(
+        self, student: Tensor, probs: Tensor, pairs: Sequence[tuple[int, int]]
+    ) -> Tensor:
+        """The loss from the teacher's probabilities [T, B, C] (``teacher_probs``), so that the
+        caller can reuse them (e.g. for the logged entropy).
+
+        The cross-entropy is linear in the log-probabilities, so the student views paired with
+        one teacher view are summed first (a [T, V] pair-count matrix times the [V, B*C]
+        log-probabilities): one product with each teacher view instead of one per pair.
+        """
+        num_student = student.shape[0]
         log_p = F.log_softmax(student.float() / self.student_temp, dim=-1)
-        terms = [torch.sum(-q[iq] * log_p[v], dim=-1).mean() for iq, v in pairs]
-        return torch.stack(terms).mean()
+        counts = torch.zeros(probs.shape[0], num_student)
+        for iq, v in pairs:
+            counts[iq, v] += 1.0
+        counts = counts.to(log_p.device, non_blocking=True)
+        summed = (counts @ log_p.flatten(1)).view(probs.shape)  # [T, B, C]
+        return -(probs * summed).sum(-1).mean(-1).sum() / len(pairs)
 
     def update_center(self, teacher_out: Tensor) -> None:
         """Fold the teacher's raw outputs [..., C] into the center EMA (all ranks)."""

@@ -9,10 +9,14 @@ match. The loss is DINO's cross-entropy applied per token with its own center.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from densedino.losses.dino import CenteredLoss, check_temperature, teacher_probs
+from densedino.losses.dino import (
+    CenteredLoss,
+    check_temperature,
+    soft_cross_entropy,
+    teacher_probs,
+)
 
 __all__ = ["ReferenceLoss", "combine"]
 
@@ -49,10 +53,15 @@ class ReferenceLoss(CenteredLoss):
         """
         check_temperature("ReferenceLoss: teacher_temp", teacher_temp)
         self._check_shapes(student_ref, teacher_ref, valid)
+        return self.from_probs(
+            student_ref, teacher_probs(teacher_ref, self.center, teacher_temp), valid
+        )
 
-        q = teacher_probs(teacher_ref, self.center, teacher_temp)
-        log_p = F.log_softmax(student_ref.float() / self.student_temp, dim=-1)
-        ce = torch.sum(-q * log_p, dim=-1)  # [P, B, K]
+    def from_probs(self, student_ref: Tensor, probs: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The loss from the teacher's probabilities [P, B, K, C] (``teacher_probs`` of the raw
+        outputs with this loss's center), which the caller may reuse for its diagnostics."""
+        self._check_shapes(student_ref, probs, valid)
+        ce = soft_cross_entropy(student_ref, probs, self.student_temp)  # [P, B, K]
         if valid is None:
             return ce.mean()
         weights = valid.to(ce.dtype)

@@ -10,23 +10,30 @@ import torch
 from torch import Tensor, nn
 
 from densedino.losses import ReferenceLoss, combine
+from densedino.losses.dino import teacher_probs
 from densedino.methods.base import StepState
 from densedino.methods.dino import DINO, PairMode, collapse_diagnostics, forward_views
 from densedino.models.heads import DINOHead
+
+Pairs = list[tuple[int, int]]
 
 
 class DenseDINO(DINO):
     """DINO with reference tokens.
 
-    Each teacher view iq carries the points of its pairs with every other view; each student
-    view v carries the points of its pairs with the teacher views other than itself (the
-    authors' layout). Views come with ``batch['points']`` [B, V, V, K, 2] from
+    Each teacher view iq carries the points of its pairs with the views it is matched with;
+    each student view v carries the points of its pairs with the teacher views it is matched
+    with (the authors' layout). Views come with ``batch['points']`` [B, V, V, K, 2] from
     :class:`densedino.data.views.MultiViewTransform`: ``points[:, a, b]`` are the K points of the
     pair (a, b) in view a's normalised frame.
 
+    Each head runs once per network per step: the reference features are gathered in pair
+    order in feature space, so the [P, B, K, out_dim] logits are made once by the head.
+
     Args (beyond :class:`DINO`):
-        alpha: weight of the CLS loss in ``alpha * cls + (1 - alpha) * ref`` (paper 0.5; 1 gives
-            DINO, 0 the reference loss alone).
+        alpha: weight of the CLS loss in ``alpha * cls + (1 - alpha) * ref`` (paper 0.5). At 1
+            the reference head, at 0 the student's CLS head is frozen and skipped, so that
+            every trained parameter gets a gradient (DDP requires it).
         ref_pairs: ``all``: reference loss on every (teacher view, other view) pair (authors);
             ``global``: only between teacher views.
         ref_out_dim: prototypes of the reference head (default: ``out_dim``).
@@ -56,63 +63,80 @@ class DenseDINO(DINO):
             self.dino_loss.student_temp,
             self.dino_loss.centering.momentum,
         )
+        unused = {0.0: self.student.head, 1.0: self.student.ref_head}.get(alpha)
+        if unused is not None:
+            unused.requires_grad_(False)
 
     def build_heads(self, dim: int, out_dim: int, head_kw: dict) -> dict[str, nn.Module]:
         heads = super().build_heads(dim, out_dim, head_kw)
         heads["ref_head"] = DINOHead(dim, self.ref_out_dim or out_dim, **head_kw)
         return heads
 
-    def partners(self, num_views: int) -> tuple[list[list[int]], list[list[int]]]:
-        """For every teacher view the views it pairs with, and the same for every student view."""
-        num_t = self.num_teacher
-        teacher = [[v for v in range(num_views) if v != iq] for iq in range(num_t)]
-        student = [[iq for iq in range(num_t) if iq != v] for v in range(num_views)]
-        return teacher, student
-
-    def ref_loss_pairs(self, num_views: int) -> list[tuple[int, int]]:
+    def ref_loss_pairs(self, num_views: int) -> Pairs:
         """(teacher view, student view) pairs of the reference loss."""
         last = self.num_teacher if self.ref_pairs == "global" else num_views
         return [(iq, v) for iq in range(self.num_teacher) for v in range(last) if v != iq]
 
+    def partners(self, num_views: int) -> tuple[list[list[int]], list[list[int]]]:
+        """For every teacher view the views it pairs with, and the same for every student view,
+        over the pairs of the reference loss."""
+        pairs = self.ref_loss_pairs(num_views)
+        teacher = [[v for t, v in pairs if t == iq] for iq in range(self.num_teacher)]
+        student = [[iq for iq, s in pairs if s == v] for v in range(num_views)]
+        return teacher, student
+
     def compute_losses(self, batch: dict, state: StepState) -> dict[str, Tensor]:
         views, points = batch["views"], batch["points"]
         self.check_views(views)
-        num_views, num_points = len(views), points.shape[3]
-        t_partners, s_partners = self.partners(num_views)
+        num_views, temp = len(views), state.teacher_temp
+        pairs = self.ref_loss_pairs(num_views) if self.alpha < 1 else []
+        t_partners, s_partners = self.partners(num_views) if pairs else ([], [])
         t_points = [points[:, iq, p].flatten(1, 2) for iq, p in enumerate(t_partners)]
         s_points = [points[:, v, p].flatten(1, 2) for v, p in enumerate(s_partners)]
 
         with torch.no_grad():
-            t_feat, t_refs = forward_views(
-                self.teacher.backbone, views[: self.num_teacher], t_points
-            )
+            teacher_views = views[: self.num_teacher]
+            t_feat, t_refs = forward_views(self.teacher.backbone, teacher_views, t_points or None)
             t_out = self.teacher.head(t_feat)
-            t_ref_out = [self.teacher.ref_head(r).unflatten(1, (-1, num_points)) for r in t_refs]
-        s_feat, s_refs = forward_views(self.student.backbone, views, s_points)
-        s_ref_out = [self.student.ref_head(r).unflatten(1, (-1, num_points)) for r in s_refs]
+        s_feat, s_refs = forward_views(self.student.backbone, views, s_points or None)
 
-        # Teacher tokens of pair (iq, v) against student tokens of pair (v, iq): [P, B, K, C].
-        pairs = self.ref_loss_pairs(num_views)
-        teacher_tok = torch.stack([t_ref_out[iq][:, t_partners[iq].index(v)] for iq, v in pairs])
-        student_tok = torch.stack([s_ref_out[v][:, s_partners[v].index(iq)] for iq, v in pairs])
-        temp = state.teacher_temp
-        loss_ref = self.ref_loss(student_tok, teacher_tok, temp)
+        out: dict[str, Tensor] = {}
+        probs = teacher_probs(t_out, self.dino_loss.center, temp)
         if self.alpha > 0:
-            s_out = self.student.head(s_feat)
-            loss_cls = self.dino_loss(s_out, t_out, temp, self.pairs(num_views))
-        else:  # reference loss alone: skip the student's CLS head
-            loss_cls = torch.zeros((), device=loss_ref.device)
-        loss = combine(loss_cls, loss_ref, self.alpha)
-
-        diagnostics = collapse_diagnostics(t_feat, t_out, self.dino_loss.center, temp)
-        ref_diag = collapse_diagnostics(t_refs[0], teacher_tok, self.ref_loss.center, temp)
+            used = self.student_views(num_views)
+            s_out = self.student.head(s_feat[:used])
+            loss_cls = self.dino_loss.from_probs(s_out, probs, self.pairs(num_views))
+        else:
+            loss_cls = torch.zeros((), device=t_out.device)
+        out.update(collapse_diagnostics(t_feat, probs))
         self.dino_loss.update_center(t_out)
-        # The reference center follows the teacher tokens that the loss uses.
-        self.ref_loss.update_center(teacher_tok)
-        return {
-            "loss": loss,
-            "loss_cls": loss_cls.detach(),
-            "loss_ref": loss_ref.detach(),
-            **diagnostics,
-            "ref_teacher_entropy": ref_diag["teacher_entropy"],
-        }
+
+        if pairs:
+            with torch.no_grad():
+                t_tok = self.teacher.ref_head(pair_tokens(t_refs, t_partners, pairs, 0))
+            s_tok = self.student.ref_head(pair_tokens(s_refs, s_partners, pairs, 1))
+            ref_probs = teacher_probs(t_tok, self.ref_loss.center, temp)
+            loss_ref = self.ref_loss.from_probs(s_tok, ref_probs)
+            # The first pair's tokens are enough to watch the reference distribution.
+            ref_diag = collapse_diagnostics(t_refs[0], ref_probs[0])
+            out["ref_teacher_entropy"] = ref_diag["teacher_entropy"]
+            # The reference center follows the teacher tokens that the loss uses.
+            self.ref_loss.update_center(t_tok)
+        else:
+            loss_ref = torch.zeros((), device=t_out.device)
+        loss = combine(loss_cls, loss_ref, self.alpha)
+        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_ref": loss_ref.detach(), **out}
+
+
+def pair_tokens(refs: list[Tensor], partners: list[list[int]], pairs: Pairs, side: int) -> Tensor:
+    """Reference features [P, B, K, D] in pair order from per-view outputs [B, M_v, D].
+
+    View ``pair[side]`` holds pair p's K tokens at the position of ``pair[1 - side]`` among its
+    partners (``points[:, a, partners[a]]`` flattened to [B, M_a, 2]).
+    """
+    chunks = []
+    for pair in pairs:
+        view, other = pair[side], pair[1 - side]
+        tokens = refs[view].unflatten(1, (len(partners[view]), -1))  # [B, partners, K, D]
+        chunks.append(tokens[:, partners[view].index(other)])
+    return torch.stack(chunks)

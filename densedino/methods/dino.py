@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedino.losses import DINOLoss, default_pairs
+from densedino.losses.dino import normalised_entropy, teacher_probs
 from densedino.methods.base import SSLMethod, StepState, make_teacher, resolution_groups
 from densedino.models.heads import DINOHead, cancel_last_layer_gradients
 from densedino.models.vit import VisionTransformer, build_backbone
@@ -61,19 +62,18 @@ def forward_views(
     return cls, refs
 
 
-def collapse_diagnostics(features: Tensor, logits: Tensor, center: Tensor, temp: float) -> dict:
-    """Signals of the two DINO collapse modes, logged every step.
+def collapse_diagnostics(features: Tensor, probs: Tensor) -> dict[str, Tensor]:
+    """Signals of the two DINO collapse modes, logged every step at the cost of two reductions.
 
     ``feature_std``: per-dimension std of the L2-normalised teacher features across the batch,
     times sqrt(D) (about 1 for features spread on the sphere, 0 when all images map to one point).
-    ``teacher_entropy``: mean entropy of the teacher distribution divided by log(C) (1 = uniform
-    collapse, 0 = one prototype takes everything).
+    ``teacher_entropy``: mean entropy of the teacher distribution ``probs`` (the centered,
+    sharpened softmax the loss uses) divided by log(C) (1 = uniform collapse, 0 = one prototype
+    takes everything).
     """
-    flat = F.normalize(features.flatten(0, -2).float(), dim=-1)
+    flat = F.normalize(features.detach().flatten(0, -2).float(), dim=-1)
     std = flat.std(dim=0).mean() * math.sqrt(flat.shape[-1])
-    probs = F.softmax((logits.flatten(0, -2).float() - center) / temp, dim=-1)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
-    return {"feature_std": std, "teacher_entropy": entropy / math.log(logits.shape[-1])}
+    return {"feature_std": std, "teacher_entropy": normalised_entropy(probs)}
 
 
 class DINO(SSLMethod):
@@ -131,18 +131,22 @@ class DINO(SSLMethod):
         num_student = self.num_teacher if self.cls_pairs == "global" else num_views
         return default_pairs(self.num_teacher, num_student)
 
+    def student_views(self, num_views: int) -> int:
+        """How many views (the first ones) the student's CLS head sees: those the loss uses."""
+        return self.num_teacher if self.cls_pairs == "global" else num_views
+
     def compute_losses(self, batch: dict, state: StepState) -> dict[str, Tensor]:
         views = batch["views"]
         self.check_views(views)
         with torch.no_grad():
             t_feat, _ = forward_views(self.teacher.backbone, views[: self.num_teacher])
             t_out = self.teacher.head(t_feat)
-        s_feat, _ = forward_views(self.student.backbone, views)
-        s_out = self.student.head(s_feat)
-        loss = self.dino_loss(s_out, t_out, state.teacher_temp, self.pairs(len(views)))
-        diagnostics = collapse_diagnostics(t_feat, t_out, self.dino_loss.center, state.teacher_temp)
+        used = self.student_views(len(views))
+        s_feat, _ = forward_views(self.student.backbone, views[:used])
+        probs = teacher_probs(t_out, self.dino_loss.center, state.teacher_temp)
+        loss = self.dino_loss.from_probs(self.student.head(s_feat), probs, self.pairs(len(views)))
         self.dino_loss.update_center(t_out)
-        return {"loss": loss, "loss_cls": loss.detach(), **diagnostics}
+        return {"loss": loss, "loss_cls": loss.detach(), **collapse_diagnostics(t_feat, probs)}
 
     def check_views(self, views: Sequence[Tensor]) -> None:
         if len(views) < max(2, self.num_teacher):

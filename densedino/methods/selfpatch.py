@@ -49,6 +49,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from densedino.losses import PatchLoss
+from densedino.losses.dino import teacher_probs
 from densedino.methods.base import StepState, resolution_groups
 from densedino.methods.dino import DINO, PairMode, collapse_diagnostics
 from densedino.models.heads import DINOHead
@@ -349,15 +350,14 @@ class SelfPatch(DINO):
             self.student.patch_head(self.student.aggregator.norm(f["patch"].flatten(1, 2)))
             for f in s_feats
         ]
-        teachers = t_out[: self.num_teacher]
-        loss_cls = self.dino_loss(s_out, teachers, temp, self.pairs(len(views)))
+        probs = teacher_probs(t_out[: self.num_teacher], self.dino_loss.center, temp)
+        loss_cls = self.dino_loss.from_probs(s_out, probs, self.pairs(len(views)))
         loss_patch = self.patch_loss(s_patch_out, t_patch_out, temp)
         loss = loss_cls + self.patch_weight * loss_patch
 
-        diagnostics = collapse_diagnostics(
-            t_image[: self.num_teacher], teachers, self.dino_loss.center, temp
-        )
-        patch_diag = collapse_diagnostics(t_agg[0], t_patch_out[0], self.patch_loss.center, temp)
+        diagnostics = collapse_diagnostics(t_image[: self.num_teacher], probs)
+        patch_probs = teacher_probs(t_patch_out[0], self.patch_loss.center, temp)
+        patch_diag = collapse_diagnostics(t_agg[0], patch_probs)
         self.dino_loss.update_center(t_out)  # all views, as the authors do
         self.patch_loss.update_center(t_patch_out)
         return {

@@ -2,7 +2,28 @@
 
 Parameter names equal those of timm's ``VisionTransformer`` (and DINO's), so their state dicts
 load without renaming. Reference tokens (method reference, section 2) are optional: without
-them the forward pass is the plain ViT, identical to timm's with ``dynamic_img_size=True``.
+them the forward pass is the plain ViT.
+
+Position embeddings at a grid other than the native one (``pos_interp``):
+
+- ``"dino"`` (default): DINO's and the DenseDINO authors' ``interpolate_pos_encoding``: bicubic
+  ``F.interpolate`` of the native grid with ``scale_factor = (g' + 0.1) / g`` per axis (g' the
+  new grid side, g the native one), ``align_corners=False``, no antialias; the native square size
+  uses the grid as it is. DINO-format weights give DINO's own features at every size.
+- ``"timm"``: timm's ``resample_abs_pos_embed`` (``dynamic_img_size=True``): bicubic by target
+  size, antialiased when shrinking. Features equal timm's ``forward_features`` at every size.
+
+Reference tokens always sample the *native* grid at their point (as the authors do), so at the
+native size a token at a patch centre carries exactly that patch's position embedding; at other
+sizes it differs from the patch's interpolated one (``tests/test_vit.py`` pins by how much).
+
+Reference tokens do not go through a masked attention over the whole sequence. CLS and patches
+run each block's plain attention (fused SDPA kernels apply; their outputs are the plain ViT's),
+and the M reference tokens attend to [patch keys and values; their own key and value] in a
+second, small attention with the block's weights; qkv, projection and MLP run once over all
+tokens. This equals the authors' additive mask ``all2pos_pos2cls_eye`` (no token reads a
+reference token; a reference token reads the patches and itself), which
+:func:`reference_attention_mask` builds and the tests use as the oracle.
 """
 
 from __future__ import annotations
@@ -19,6 +40,8 @@ from torch import Tensor, nn
 
 RefContent = Literal["zero", "learnable"]
 RefPadding = Literal["zeros", "border"]
+PosInterp = Literal["dino", "timm"]
+POS_INTERPS: tuple[str, ...] = ("dino", "timm")
 
 # arch name -> (embed_dim, num_heads); every arch has depth 12 and MLP ratio 4.
 ARCHS: dict[str, tuple[int, int]] = {
@@ -27,6 +50,8 @@ ARCHS: dict[str, tuple[int, int]] = {
     "vit_base": (768, 12),
 }
 PATCH_SIZES = (8, 16)
+# Points at the view's edge come out of float arithmetic a few ulps past +-1.
+POINT_TOLERANCE = 1e-5
 
 # timm's Block passes device/dtype keywords to its norm layer.
 _layer_norm = partial(nn.LayerNorm, eps=1e-6)
@@ -71,6 +96,80 @@ def reference_attention_mask(
     return mask
 
 
+def interpolate_pos_dino(grid: Tensor, size: tuple[int, int]) -> Tensor:
+    """DINO's ``interpolate_pos_encoding`` of a patch grid [1, D, g, g] to ``size`` = (h, w).
+
+    Returns [1, h * w, D]. The native square grid is returned as it is; any other size is
+    bicubic ``F.interpolate`` with ``scale_factor = (side + 0.1) / g`` per axis (the scale
+    factor, not the size, sets the sampling positions) and no antialias.
+    """
+    gh, gw = grid.shape[-2:]
+    if (gh, gw) != tuple(size):
+        scale = ((size[0] + 0.1) / gh, (size[1] + 0.1) / gw)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(grid.shape[-2:]) != tuple(size):
+            raise RuntimeError(f"position grid interpolated to {grid.shape[-2:]}, not {size}")
+    return grid.flatten(2).transpose(1, 2)
+
+
+def check_ref_points(ref_points: Tensor, batch: int) -> None:
+    """Refuse reference points that are not [B, M, 2] floats in [-1, 1].
+
+    A NaN point makes a NaN token (and, under an additive mask, NaN everywhere); a point
+    outside [-1, 1] lies outside the view. On CPU the value check is a
+    ValueError; on an accelerator it is an asynchronous device assertion, so the training step
+    does not wait for the host.
+    """
+    if ref_points.ndim != 3 or ref_points.shape[-1] != 2 or ref_points.shape[0] != batch:
+        raise ValueError(
+            f"ref_points must have shape [B={batch}, M, 2], got {tuple(ref_points.shape)}"
+        )
+    if not ref_points.is_floating_point():
+        raise ValueError(f"ref_points must be floating point, got {ref_points.dtype}")
+    ok = (ref_points.abs() <= 1.0 + POINT_TOLERANCE).all()  # False for NaN
+    message = "ref_points must be finite and inside [-1, 1] (x, y of the view)"
+    if ref_points.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(f"{message}; got min {ref_points.min()}, max {ref_points.max()}")
+    else:
+        torch._assert_async(ok, message)
+
+
+def _qkv(block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The block's q, k, v [B, heads, L, head_dim] for ``x`` [B, L, D] (q/k norms applied)."""
+    attn = block.attn
+    batch, length, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def block_with_references(block: Block, x: Tensor, num_refs: int) -> Tensor:
+    """One timm block on [CLS | PATCH_1..N | REF_1..M] with the reference tokens' attention.
+
+    CLS and patches attend to each other only (plain attention, fused kernels); each reference
+    attends to the N patches and to itself. qkv, projection, MLP and stochastic depth run over
+    the whole sequence once, so a sample's drop-path draw is shared by all its tokens.
+    """
+    attn = block.attn
+    dropout = attn.attn_drop.p if block.training else 0.0
+    q, k, v = _qkv(block, x)
+    end = x.shape[1] - num_refs
+    main = F.scaled_dot_product_attention(
+        q[:, :, :end], k[:, :, :end], v[:, :, :end], dropout_p=dropout
+    )
+    # Keys of a reference: the patches, then the references; the mask keeps only its own.
+    allowed = torch.ones(num_refs, end - 1 + num_refs, dtype=torch.bool, device=x.device)
+    allowed[:, end - 1 :] = torch.eye(num_refs, dtype=torch.bool, device=x.device)
+    refs = F.scaled_dot_product_attention(
+        q[:, :, end:], k[:, :, 1:], v[:, :, 1:], attn_mask=allowed, dropout_p=dropout
+    )
+    out = torch.cat([main, refs], dim=2).transpose(1, 2).flatten(2)
+    out = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(out)))
+    x = x + block.drop_path1(block.ls1(out))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
 class VisionTransformer(nn.Module):
     """ViT (CLS token, learned absolute positions, pre-norm timm blocks) with reference tokens."""
 
@@ -86,6 +185,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         ref_content: RefContent = "zero",
         ref_padding: RefPadding = "zeros",
+        pos_interp: PosInterp = "dino",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -94,6 +194,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"ref_content must be 'zero' or 'learnable', got {ref_content!r}")
         if ref_padding not in ("zeros", "border"):
             raise ValueError(f"ref_padding must be 'zeros' or 'border', got {ref_padding!r}")
+        if pos_interp not in POS_INTERPS:
+            raise ValueError(f"pos_interp must be one of {POS_INTERPS}, got {pos_interp!r}")
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -101,6 +203,7 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.ref_content: RefContent = ref_content
         self.ref_padding: RefPadding = ref_padding
+        self.pos_interp: PosInterp = pos_interp
         self.grid_size = (img_size // patch_size, img_size // patch_size)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -151,11 +254,20 @@ class VisionTransformer(nn.Module):
         gh, gw = self.grid_size
         return self.pos_embed[:, 1:].reshape(1, gh, gw, self.embed_dim).permute(0, 3, 1, 2)
 
+    def patch_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        """Patch position embeddings [1, h * w, D] for a patch grid of ``grid`` = (h, w)."""
+        if self.pos_interp == "timm":
+            pos = resample_abs_pos_embed(
+                self.pos_embed, new_size=grid, old_size=self.grid_size, num_prefix_tokens=1
+            )
+            return pos[:, 1:]
+        return interpolate_pos_dino(self.patch_pos_grid(), grid)
+
     def reference_pos_embed(self, ref_points: Tensor) -> Tensor:
         """Positional embeddings [B, M, D] of points [B, M, 2] in [-1, 1], (x, y) order.
 
-        Bicubic sampling of the learned grid with align_corners=False, so that a patch centre
-        maps exactly onto its grid node.
+        Bicubic sampling of the native learned grid with align_corners=False, so that a patch
+        centre maps exactly onto its grid node.
         """
         batch, num_refs = ref_points.shape[:2]
         grid = self.patch_pos_grid()
@@ -172,42 +284,39 @@ class VisionTransformer(nn.Module):
             tokens = tokens + self.ref_token
         return tokens
 
-    def _check_ref_points(self, ref_points: Tensor, batch: int) -> None:
-        if ref_points.ndim != 3 or ref_points.shape[-1] != 2 or ref_points.shape[0] != batch:
-            raise ValueError(
-                f"ref_points must have shape [B={batch}, M, 2], got {tuple(ref_points.shape)}"
-            )
-        if not ref_points.is_floating_point():
-            raise ValueError(f"ref_points must be floating point, got {ref_points.dtype}")
-
     def _embed(
         self, images: Tensor, ref_points: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, tuple[int, int], int]:
-        """Token sequence, attention mask (None without references), patch grid size and M."""
+    ) -> tuple[Tensor, tuple[int, int], int]:
+        """Token sequence [CLS | PATCH_1..N | REF_1..M], patch grid size and M.
+
+        The references go last inside the model only; outputs keep the order of the method
+        reference ([CLS | REF | PATCH] for attention maps).
+        """
         x = self.patch_embed(images)
         batch, gh, gw, dim = x.shape
-        pos = resample_abs_pos_embed(
-            self.pos_embed, new_size=(gh, gw), old_size=self.grid_size, num_prefix_tokens=1
-        )
-        x = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, gh * gw, dim)], 1)
-        x = x + pos
+        x = x.reshape(batch, gh * gw, dim) + self.patch_pos_embed((gh, gw))
+        cls = self.cls_token + self.pos_embed[:, :1]
+        x = torch.cat([cls.expand(batch, -1, -1), x], dim=1)
         if ref_points is None:
-            return x, None, (gh, gw), 0
-        self._check_ref_points(ref_points, batch)
+            return x, (gh, gw), 0
+        check_ref_points(ref_points, batch)
         num_refs = ref_points.shape[1]
-        if num_refs == 0:
-            return x, None, (gh, gw), 0
-        refs = self.reference_tokens(ref_points).to(x.dtype)
-        x = torch.cat([x[:, :1], refs, x[:, 1:]], dim=1)
-        mask = reference_attention_mask(num_refs, gh * gw, device=x.device)
-        return x, mask, (gh, gw), num_refs
+        if num_refs:
+            x = torch.cat([x, self.reference_tokens(ref_points).to(x.dtype)], dim=1)
+        return x, (gh, gw), num_refs
+
+    def _blocks(self, x: Tensor, num_refs: int, blocks: Sequence[Block] | None = None) -> Tensor:
+        for block in self.blocks if blocks is None else blocks:
+            x = block(x) if num_refs == 0 else block_with_references(block, x, num_refs)
+        return x
 
     # -------------------------------------------------------------------------------- forward
     def _split(self, x: Tensor, grid: tuple[int, int], num_refs: int) -> dict[str, Tensor]:
         """Split a normalised sequence into cls [B, D], patch [B, h, w, D] and ref [B, M, D]."""
-        out = {"cls": x[:, 0], "patch": x[:, 1 + num_refs :].reshape(x.shape[0], *grid, -1)}
+        end = x.shape[1] - num_refs
+        out = {"cls": x[:, 0], "patch": x[:, 1:end].reshape(x.shape[0], *grid, -1)}
         if num_refs:
-            out["ref"] = x[:, 1 : 1 + num_refs]
+            out["ref"] = x[:, end:]
         return out
 
     def forward_features(
@@ -217,10 +326,8 @@ class VisionTransformer(nn.Module):
 
         ``ref`` is present only when ``ref_points`` [B, M, 2] (x, y in [-1, 1]) is given.
         """
-        x, mask, grid, num_refs = self._embed(images, ref_points)
-        for block in self.blocks:
-            x = block(x, attn_mask=mask)
-        out = self._split(self.norm(x), grid, num_refs)
+        x, grid, num_refs = self._embed(images, ref_points)
+        out = self._split(self.norm(self._blocks(x, num_refs)), grid, num_refs)
         if ref_points is not None and not num_refs:
             out["ref"] = x.new_zeros(x.shape[0], 0, self.embed_dim)
         return out
@@ -230,19 +337,23 @@ class VisionTransformer(nn.Module):
         return self.forward_features(images)["cls"]
 
     def get_last_selfattention(self, images: Tensor, ref_points: Tensor | None = None) -> Tensor:
-        """Softmax attention [B, heads, L, L] of the last block, reference mask applied."""
+        """Softmax attention [B, heads, L, L] of the last block over [CLS | REF | PATCH].
+
+        The reference mask is applied, so the rows and columns of the references read as in the
+        authors' masked attention.
+        """
         if not self.blocks:
             raise ValueError("a model without blocks has no attention")
-        x, mask, _, _ = self._embed(images, ref_points)
-        for block in self.blocks[:-1]:
-            x = block(x, attn_mask=mask)
-        attn = self.blocks[-1].attn
-        batch, length, _ = x.shape
-        qkv = attn.qkv(self.blocks[-1].norm1(x))
-        qkv = qkv.reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
+        x, _, num_refs = self._embed(images, ref_points)
+        x = self._blocks(x, num_refs, self.blocks[:-1])
+        if num_refs:  # to the public order [CLS | REF | PATCH]
+            end = x.shape[1] - num_refs
+            x = torch.cat([x[:, :1], x[:, end:], x[:, 1:end]], dim=1)
+        block = self.blocks[-1]
+        q, k, _ = _qkv(block, x)
+        scores = (q * block.attn.scale) @ k.transpose(-2, -1)
+        if num_refs:
+            mask = reference_attention_mask(num_refs, x.shape[1] - 1 - num_refs, x.device)
             scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(dim=-1)
 
@@ -261,7 +372,7 @@ class VisionTransformer(nn.Module):
         Negative indices count from the end.
         """
         wanted = self._block_indices(n)
-        x, _, grid, _ = self._embed(images, None)
+        x, grid, _ = self._embed(images, None)
         outputs: list[dict[str, Tensor]] = []
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             x = block(x)
