@@ -15,7 +15,9 @@ Settings (batch 8 unless ``--batch``):
   global pair only, reference loss on all pairs, out_dim 65536.
 
 DINO runs the same method arguments without the reference tokens (same views, same pairs for its
-CLS loss). For each setting, in one run:
+CLS loss: in the authors' recipe, DINO's student then sees the 2 global views only, as the CLS
+loss uses no other); ``--dino-pairs all`` gives DINO the CLS loss on every (teacher, other view)
+pair instead, i.e. DINO's own use of the same 6 views. For each setting, in one run:
 
 - FLOPs of one forward + backward of each (``torch.utils.flop_counter.FlopCounterMode``) and
   their ratio: the arithmetic the method adds;
@@ -73,10 +75,12 @@ def setting(name: str) -> tuple[dict, ViewConfig]:
     return {**common, **method}, views
 
 
-def method_config(name: str, method: str) -> dict:
+def method_config(name: str, method: str, dino_pairs: str = "same") -> dict:
     kwargs, _ = setting(name)
     if method == "DINO":
         kwargs = {k: v for k, v in kwargs.items() if k not in DENSE_ONLY}
+        if dino_pairs == "all":
+            kwargs["cls_pairs"] = "all"
     return dict(type=method, **kwargs)
 
 
@@ -97,9 +101,9 @@ def autocast(device: str, amp: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
-def build(name: str, method: str, device: str) -> tuple[SSLModel, OptimWrapper]:
+def build(name: str, method: str, args) -> tuple[SSLModel, OptimWrapper]:
     torch.manual_seed(0)
-    model = SSLModel(method=method_config(name, method)).to(device)
+    model = SSLModel(method=method_config(name, method, args.dino_pairs)).to(args.device)
     # Epoch 1: the heads' last layers train, as in all but the first epoch.
     model.state = StepState(epoch=1)
     optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-5)
@@ -138,7 +142,7 @@ def compare(name: str, args) -> dict:
     """FLOPs and step times of both methods (under each amp mode) for one setting."""
     _, views = setting(name)
     batch = make_batch(views, args.batch)
-    built = {m: build(name, m, args.device) for m in METHODS}
+    built = {m: build(name, m, args) for m in METHODS}
     flops = {m: count_flops(built[m][0], batch, args) for m in METHODS}
     runs = [(amp, m) for amp in amp_modes(args) for m in METHODS]
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
@@ -163,6 +167,7 @@ def compare(name: str, args) -> dict:
         "view_sizes": list(views.view_sizes),
         "gflop": {m: flops[m] / 1e9 for m in METHODS},
         "flop_ratio": flops["DenseDINO"] / flops["DINO"],
+        "dino_cls_pairs": method_config(name, "DINO", args.dino_pairs)["cls_pairs"],
         "amp": per_amp,
     }
 
@@ -179,7 +184,7 @@ def memory_child(name: str, method: str, args) -> dict:
     """Peak memory of two steps above the built model and optimizer (run in its own process)."""
     _, views = setting(name)
     batch = make_batch(views, args.batch)
-    model, wrapper = build(name, method, args.device)
+    model, wrapper = build(name, method, args)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -201,7 +206,7 @@ def memory(name: str, args) -> dict:
     for method in METHODS:
         command = [sys.executable, __file__, "--memory-child", method, "--setting", name]
         command += ["--device", args.device, "--amp", amp_modes(args)[0]]
-        command += ["--batch", str(args.batch)]
+        command += ["--batch", str(args.batch), "--dino-pairs", args.dino_pairs]
         if args.threads:
             command += ["--threads", str(args.threads)]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -219,6 +224,7 @@ def print_table(result: dict, args) -> None:
     print(
         f"\n{result['setting']}: batch {args.batch}, views {result['view_sizes']} "
         f"({result['teacher_views']} teacher), {result['points_per_pair']} points per pair, "
+        f"DINO cls_pairs={result['dino_cls_pairs']}, "
         f"device {args.device}, {torch.get_num_threads()} threads, "
         f"median of {args.steps} alternating steps"
     )
@@ -265,6 +271,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method (>= 1)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument(
+        "--dino-pairs",
+        choices=["same", "all"],
+        default="same",
+        help="DINO's CLS pairs: same as DenseDINO's, or all (teacher, other view) pairs",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
