@@ -6,16 +6,24 @@ Formats read by :func:`load_backbone`:
   any other safetensors file holding a bare ViT state dict;
 - our training checkpoints (mmengine: ``state_dict`` with ``teacher.backbone.`` /
   ``student.backbone.`` keys, maybe behind ``module.``);
-- DINO training checkpoints (``teacher`` / ``student`` entries, ``module.``, ``backbone.`` and
-  ``head.`` prefixes);
+- DINO ``main_dino.py`` training checkpoints (``teacher`` / ``student`` entries with
+  ``module.``, ``backbone.`` and ``head.`` prefixes, beside ``args`` pickled as an
+  ``argparse.Namespace``, ``optimizer``, ``dino_loss``, ``fp16_scaler`` and ``epoch``);
+- the DenseDINO authors' checkpoints (GitHub ``yyk-wew/DenseDINO``): the same layout with the
+  position embedding split into ``cls_pos_embed`` [1, 1, D] and ``patch_pos_embed`` [1, N, D],
+  an optional learnable reference content ``ref_learn_token`` and a ``ref_head``; as a training
+  checkpoint, a wrapper state dict (``backbone.``/``head.``/``ref_head.``) or a bare backbone;
 - bare timm / DINO state dicts (a timm classifier ``head.*`` is dropped), or ``{"model": ...}``;
 - an in-memory mapping of any of the above.
 
-Pickled files are read with ``torch.load(weights_only=True)``: code is never unpickled.
+Pickled files are read with ``torch.load(weights_only=True)``: code is never unpickled, and the
+only classes rebuilt are those of :func:`safe_globals_for_checkpoints`, none of which runs code
+when unpickled.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import pickle
@@ -64,15 +72,22 @@ def _history_buffer_getattr(obj: object, name: str) -> object:
 
 
 def safe_globals_for_checkpoints() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
-    """Globals allowed when reading our training checkpoints with ``weights_only=True``.
+    """Globals allowed when reading training checkpoints with ``weights_only=True``.
 
     Exactly what mmengine's ``message_hub`` state needs: numpy scalars and arrays (under both
     numpy 1 and numpy 2 module names), numeric numpy dtypes, and mmengine's ``HistoryBuffer``
-    with a ``getattr`` restricted to its statistics methods. Use with
+    with a ``getattr`` restricted to its statistics methods; and what DINO's ``main_dino.py``
+    (and the DenseDINO authors' copy of it) pickles besides tensors and plain containers: its
+    ``args``, an ``argparse.Namespace`` (rebuilt by ``object.__new__`` plus an attribute update,
+    so no code of the file runs; its values must themselves be plain or allowed). Use with
     ``torch.serialization.safe_globals(...)``.
     """
     core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [np.ndarray, np.dtype]
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        np.ndarray,
+        np.dtype,
+        argparse.Namespace,
+    ]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [
             (core.scalar, f"{module}.scalar"),
@@ -169,35 +184,69 @@ def _select_segment(state: Mapping[str, Any], marker: str) -> dict[str, Any]:
     return out
 
 
+_HEAD_PREFIXES = ("head.", "ref_head.")
+
+
 def _backbone_part(state: Mapping[str, Any]) -> dict[str, Any]:
-    """From a model state dict: the ``backbone.`` entries, or all but a ``head.`` otherwise."""
+    """From a model state dict: the ``backbone.`` entries, or all but the heads otherwise."""
     state = _strip_module(state)
     backbone = _select_prefix(state, "backbone.")
     if backbone:
         return backbone
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
+    return {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+
+
+def network_state(checkpoint: Mapping[str, Any], which: str = "teacher") -> dict[str, Any]:
+    """The state dict of one network (``backbone.*``, ``head.*``, ... or a bare backbone) inside
+    any supported checkpoint layout, ``module.`` segments removed.
+
+    ``which`` picks the teacher or the student of a training checkpoint (ours or DINO's); a
+    file with a single network (a bare state dict, ``{"model": ...}``) ignores it.
+    """
+    if which not in _WHICH:
+        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+    if isinstance(checkpoint.get("state_dict"), Mapping):  # mmengine (ours)
+        state = _strip_module(checkpoint["state_dict"])
+        picked = _select_segment(state, f"{which}.")
+        if not _select_prefix(picked, "backbone."):
+            if any(_select_segment(state, f"{w}.") for w in _WHICH):
+                raise ValueError(f"checkpoint has no '{which}.backbone.*' weights")
+            return state
+        return picked
+    if isinstance(checkpoint.get(which), Mapping):  # DINO / authors' training checkpoint
+        return _strip_module(checkpoint[which])
+    if any(isinstance(checkpoint.get(w), Mapping) for w in _WHICH):
+        raise ValueError(f"DINO checkpoint without a '{which}' entry")
+    if isinstance(checkpoint.get("model"), Mapping):  # timm / DeiT training checkpoint
+        return _strip_module(checkpoint["model"])
+    return _strip_module(checkpoint)
+
+
+def _from_authors_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """The DenseDINO authors' backbone keys renamed to ours, in place; other layouts unchanged.
+
+    Their ViT stores the CLS position apart (``cls_pos_embed`` [1, 1, D]) from the patch grid
+    (``patch_pos_embed`` [1, N, D]) and adds both exactly where DINO adds ``pos_embed``; their
+    learnable reference content ``ref_learn_token`` [1, 1, D] is our ``ref_token``.
+    """
+    if "patch_pos_embed" in state:
+        if "cls_pos_embed" not in state or "cls_token" not in state:
+            raise ValueError(
+                "authors' checkpoint without a CLS token ('cls_pos_embed'/'cls_token'): models "
+                "trained with --remove_global_token are not supported"
+            )
+        cls_pos, patch_pos = state.pop("cls_pos_embed"), state.pop("patch_pos_embed")
+        state["pos_embed"] = torch.cat([cls_pos, patch_pos], dim=1)
+    if "ref_learn_token" in state:
+        state["ref_token"] = state.pop("ref_learn_token")
+    return state
 
 
 def extract_backbone_state(
     checkpoint: Mapping[str, Any], which: str = "teacher"
 ) -> dict[str, Tensor]:
-    """The bare ViT state dict inside any supported checkpoint layout."""
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if isinstance(checkpoint.get("state_dict"), Mapping):  # mmengine (ours)
-        state = _strip_module(checkpoint["state_dict"])
-        picked = _select_segment(state, f"{which}.backbone.")
-        if not picked and any(_select_segment(state, f"{w}.") for w in _WHICH):
-            raise ValueError(f"checkpoint has no '{which}.backbone.*' weights")
-        state = picked or _backbone_part(state)
-    elif isinstance(checkpoint.get(which), Mapping):  # DINO training checkpoint
-        state = _backbone_part(checkpoint[which])
-    elif any(isinstance(checkpoint.get(w), Mapping) for w in _WHICH):
-        raise ValueError(f"DINO checkpoint without a '{which}' entry")
-    elif isinstance(checkpoint.get("model"), Mapping):  # timm / DeiT training checkpoint
-        state = _backbone_part(checkpoint["model"])
-    else:
-        state = _backbone_part(checkpoint)
+    """The bare ViT state dict (our key names) inside any supported checkpoint layout."""
+    state = _from_authors_layout(_backbone_part(network_state(checkpoint, which)))
     not_tensors = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not_tensors or not state:
         raise ValueError(
@@ -206,6 +255,25 @@ def extract_backbone_state(
             f"{_few(checkpoint)}"
         )
     return state
+
+
+def extract_head_states(
+    checkpoint: Mapping[str, Any], which: str = "teacher"
+) -> dict[str, dict[str, Tensor]]:
+    """The DINO-style projection heads stored beside the backbone, by name.
+
+    ``{"head": {...}}`` for a DINO checkpoint, also ``"ref_head"`` for ours (DenseDINO) and the
+    authors'; keys relative to the head (``mlp.0.weight``, ``last_layer.weight_v``, ...). Only
+    heads with a weight-normalised ``last_layer`` count, so a timm classifier ``head.weight``
+    is not taken for one. Empty for a bare backbone.
+    """
+    state = network_state(checkpoint, which)
+    heads: dict[str, dict[str, Tensor]] = {}
+    for prefix in _HEAD_PREFIXES:
+        head = _select_prefix(state, prefix)
+        if "last_layer.weight_v" in head and all(isinstance(v, Tensor) for v in head.values()):
+            heads[prefix[:-1]] = head
+    return heads
 
 
 def _few(keys: Any, n: int = 6) -> str:
@@ -272,7 +340,7 @@ def _infer_config(
     return config
 
 
-def _fit_pos_embed(state: dict[str, Tensor], model: VisionTransformer) -> None:
+def fit_pos_embed(state: dict[str, Tensor], model: VisionTransformer) -> None:
     """Resize a checkpoint's (square) position grid to the model's, bicubically, in place."""
     pos = state["pos_embed"]
     target = model.pos_embed.shape[1]
@@ -286,7 +354,7 @@ def _fit_pos_embed(state: dict[str, Tensor], model: VisionTransformer) -> None:
     )
 
 
-def _load_strict(model: VisionTransformer, state: Mapping[str, Tensor]) -> None:
+def load_state_strict(model: VisionTransformer, state: Mapping[str, Tensor]) -> None:
     """``load_state_dict`` with errors that name the offending keys."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -307,12 +375,12 @@ def _load_strict(model: VisionTransformer, state: Mapping[str, Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------ public
-def read_checkpoint(
-    source: str | os.PathLike[str] | Mapping[str, Any], which: str = "teacher"
-) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The bare backbone state dict and the metadata (empty unless safetensors) of a source."""
+def read_checkpoint_file(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+) -> tuple[Mapping[str, Any], dict[str, str]]:
+    """The whole (safely read) checkpoint mapping and its metadata (empty unless safetensors)."""
     if isinstance(source, Mapping):
-        return extract_backbone_state(source, which), {}
+        return source, {}
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -320,11 +388,19 @@ def read_checkpoint(
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             state = {k: f.get_tensor(k) for k in f.keys()}
-        return extract_backbone_state(state, which), metadata
+        return state, metadata
     checkpoint = _torch_load(path)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
-    return extract_backbone_state(checkpoint, which), {}
+    return checkpoint, {}
+
+
+def read_checkpoint(
+    source: str | os.PathLike[str] | Mapping[str, Any], which: str = "teacher"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The bare backbone state dict and the metadata (empty unless safetensors) of a source."""
+    checkpoint, metadata = read_checkpoint_file(source)
+    return extract_backbone_state(checkpoint, which), metadata
 
 
 def load_backbone(
@@ -352,8 +428,8 @@ def load_backbone(
         model = VisionTransformer(**config)
     model.to_empty(device="cpu")
     state = dict(state)
-    _fit_pos_embed(state, model)
-    _load_strict(model, state)
+    fit_pos_embed(state, model)
+    load_state_strict(model, state)
     return model.eval()
 
 

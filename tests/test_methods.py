@@ -10,8 +10,8 @@ import torch
 
 from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
 from densedino.methods.base import StepState
-from densedino.methods.densedino import DenseDINO
-from densedino.methods.dino import DINO, forward_views
+from densedino.methods.densedino import DenseDINO, forward_views_with_points
+from densedino.methods.dino import DINO
 from densedino.train.hooks import dino_schedule, teacher_temperature
 
 SMALL = dict(
@@ -72,7 +72,7 @@ def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None
     views = batch["views"][:2]
     short = batch["points"][:, 0, [1]].flatten(1, 2)
     long = batch["points"][:, 1, [0, 2, 3]].flatten(1, 2)
-    _, refs = forward_views(backbone, views, [short, long])
+    _, refs = forward_views_with_points(backbone, views, [short, long])
     alone = backbone.forward_features(views[0], short)["ref"]
     assert refs[0].shape == (*short.shape[:2], backbone.embed_dim)
     torch.testing.assert_close(refs[0], alone, atol=1e-5, rtol=0)

@@ -28,14 +28,21 @@ from densedino.train.onnx_export import (
 ATOL = 1e-4
 
 
-def tiny(seed: int, depth: int = 2, img_size: int = 64) -> VisionTransformer:
+def tiny(
+    seed: int, depth: int = 2, img_size: int = 64, pos_interp: str = "dino"
+) -> VisionTransformer:
     torch.manual_seed(seed)
-    return build_backbone("vit_tiny", 16, depth=depth, img_size=img_size).eval()
+    return build_backbone(
+        "vit_tiny", 16, depth=depth, img_size=img_size, pos_interp=pos_interp
+    ).eval()
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[VisionTransformer, list[Path]]:
-    backbone = tiny(0)
+@pytest.fixture(scope="module", params=["dino", "timm"])
+def exported(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> tuple[VisionTransformer, list[Path]]:
+    """Exports under both position interpolations: the graph must resample as the model does."""
+    backbone = tiny(0, pos_interp=request.param)
     out = tmp_path_factory.mktemp("export")
     return backbone, export_backbone(backbone, out, {"epoch": 3, "method": "DenseDINO"})
 
@@ -64,7 +71,7 @@ def test_export_backbone_writes_all_three_files(exported) -> None:
 )
 def test_onnx_equals_torch_at_any_batch_and_size(exported, shape) -> None:
     """Sizes other than the export size only agree if the position embedding is resampled in
-    the graph (antialiased bicubic, down- and upsampling) rather than stored for 4x4."""
+    the graph (DINO's or timm's, down- and upsampling) rather than stored for 4x4."""
     backbone, paths = exported
     (cls, patch), (want_cls, want_patch) = run_both(backbone, paths[2], shape)
     batch, height, width = shape
@@ -75,7 +82,7 @@ def test_onnx_equals_torch_at_any_batch_and_size(exported, shape) -> None:
 
 
 def test_onnx_interface_and_metadata(exported) -> None:
-    _, paths = exported
+    backbone, paths = exported
     model = onnx.load(paths[2])
     onnx.checker.check_model(model)
 
@@ -92,6 +99,7 @@ def test_onnx_interface_and_metadata(exported) -> None:
     assert outputs == {"cls": [batch, 192], "patch": [batch, "h", "w", 192]}
     props = {p.key: p.value for p in model.metadata_props}
     assert props["arch"] == "vit_tiny" and props["patch_size"] == "16"
+    assert props["pos_interp"] == backbone.pos_interp
     assert props["img_size"] == "64" and props["epoch"] == "3" and props["method"] == "DenseDINO"
 
 

@@ -81,7 +81,16 @@ def test_dino_interpolation_equals_the_formula(height, width):
     grid = vit.patch_pos_grid()[0].numpy()  # [D, 14, 14]
     expected = resize_axis(resize_axis(grid, gh, axis=1), gw, axis=2)
     expected = torch.from_numpy(expected).flatten(1).T
-    torch.testing.assert_close(vit.patch_pos_embed((gh, gw))[0], expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(vit.patch_pos_embed((gh, gw))[0], expected, atol=1e-7, rtol=0)
+    # DINO's own call, in float32 as it runs in training.
+    dino = torch.nn.functional.interpolate(
+        vit.patch_pos_grid().float(),
+        scale_factor=((gh + 0.1) / 14, (gw + 0.1) / 14),
+        mode="bicubic",
+        align_corners=False,
+    )
+    ours = vit.float().patch_pos_embed((gh, gw))[0]
+    torch.testing.assert_close(ours, dino.flatten(2)[0].T, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

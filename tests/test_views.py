@@ -446,7 +446,9 @@ def test_presets() -> None:
     authors = ViewConfig.authors()
     assert authors.view_sizes == (224,) * 6 and authors.num_teacher == 2
     assert authors.global_scale == authors.local_scale == (0.25, 1.0)
-    assert authors.points_per_pair == 4  # --num_reference 2: 2 x 2 random points per pair
+    # --num_reference 2 in random mode: 2 random points per pair (main_dino.py's
+    # sampling_reference_point; only grid mode draws k x k).
+    assert authors.points_per_pair == 2 and authors.point_mode == "random"
     assert ViewConfig(point_mode="grid", num_points=3).points_per_pair == 9
     out = MultiViewTransform(ViewConfig.paper())(_coordinate_image())
     assert out["points"].shape == (4, 4, 4, 2)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import zipfile
+
 import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
 import timm
 import torch
+from checkpoint_layouts import (
+    authors_args,
+    dino_args,
+    dino_training_checkpoint,
+    head_state,
+    network,
+    to_authors_backbone,
+)
 
 from densedino.models.vit import VisionTransformer
-from densedino.weights import load_backbone, save_backbone
+from densedino.weights import extract_head_states, load_backbone, save_backbone
 
 ATOL = 1e-5
 CODE_RAN: list[str] = []
@@ -194,3 +205,113 @@ def test_position_grid_of_another_size_is_kept():
     assert model.pos_embed.shape == (1, 1 + 24 * 24, 384) and model.img_size == 384
     assert_matches_timm(model, timm_384, (384, 384))
     assert_matches_timm(model, timm_384, (224, 224))
+
+
+# ------------------------------------------------- DINO main_dino.py and the authors' checkpoints
+def perturbed(model: VisionTransformer, seed: int) -> VisionTransformer:
+    """A copy of ``model`` with every tensor moved by noise (a distinct student)."""
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return other
+
+
+def assert_same_features(model: VisionTransformer, source: VisionTransformer) -> None:
+    """CLS, patch and reference outputs equal at the native size and at a non-square one."""
+    generator = torch.Generator().manual_seed(7)
+    for size in ((64, 64), (96, 64)):
+        images = torch.randn(2, 3, *size, generator=generator)
+        points = torch.rand(2, 3, 2, generator=generator) * 2 - 1
+        with torch.no_grad():
+            got = model.forward_features(images, points)
+            want = source.forward_features(images, points)
+        for key in ("cls", "patch", "ref"):
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=0)
+
+
+def test_dino_main_dino_checkpoint_with_args_optimizer_and_scaler(tmp_path):
+    teacher = tiny_vit()
+    student = perturbed(teacher, 1)
+    checkpoint = dino_training_checkpoint(
+        student.state_dict(),
+        teacher.state_dict(),
+        {"head": head_state(192, 1)},
+        {"head": head_state(192, 2)},
+    )
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    # What the file holds besides tensors: DINO's args as an argparse.Namespace.
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"argparse" in pickled and b"Namespace" in pickled
+    assert_same_features(load_backbone(path), teacher)
+    assert_same_features(load_backbone(path, which="student"), student)
+    assert load_backbone(path).img_size == 64  # the stored 4 x 4 grid of 16 px patches
+
+
+def test_code_inside_dino_args_is_refused(tmp_path):
+    state = tiny_vit().state_dict()
+    checkpoint = dino_training_checkpoint(state, state, {}, {}, args=dino_args(hook=PickledArgs()))
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_backbone(path)
+    assert CODE_RAN == []
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+@pytest.mark.parametrize("layout", ["training", "wrapper", "bare"])
+def test_authors_checkpoint_gives_the_source_features(tmp_path, learnable, layout):
+    teacher = tiny_vit(ref_content="learnable" if learnable else "zero")
+    student = perturbed(teacher, 2)
+    authors_t = to_authors_backbone(teacher.state_dict())
+    assert ("ref_learn_token" in authors_t) == learnable and "pos_embed" not in authors_t
+    heads = {"head": head_state(192, 1), "ref_head": head_state(192, 2)}
+    if layout == "training":  # main_dino.py's save_dict of the authors' fork
+        checkpoint = dino_training_checkpoint(
+            to_authors_backbone(student.state_dict()),
+            authors_t,
+            heads,
+            heads,
+            args=authors_args(with_learnable_token=learnable),
+        )
+    elif layout == "wrapper":  # a MultiCropWrapper state dict: backbone, head, ref_head
+        checkpoint = network(authors_t, heads, ddp=False)
+    else:  # the backbone alone, with their ViT's (empty here) classifier slot
+        checkpoint = authors_t
+    path = tmp_path / "authors.pth"
+    torch.save(checkpoint, path)
+    model = load_backbone(path)
+    assert model.ref_content == ("learnable" if learnable else "zero")
+    assert_same_features(model, teacher)
+    if layout == "training":
+        assert_same_features(load_backbone(path, which="student"), student)
+
+
+def test_authors_checkpoint_without_cls_token_is_refused():
+    state = to_authors_backbone(tiny_vit().state_dict())
+    del state["cls_token"], state["cls_pos_embed"]  # --remove_global_token
+    with pytest.raises(ValueError, match="remove_global_token"):
+        load_backbone(state)
+
+
+def test_heads_of_dino_and_authors_checkpoints(timm_vit):
+    state = tiny_vit().state_dict()
+    dino = dino_training_checkpoint(
+        state, state, {"head": head_state(192, 1)}, {"head": head_state(192, 2)}
+    )
+    heads = extract_head_states(dino)
+    assert sorted(heads) == ["head"]
+    torch.testing.assert_close(heads["head"]["last_layer.weight_v"],
+                               head_state(192, 2)["last_layer.weight_v"])  # fmt: skip
+    student = extract_head_states(dino, which="student")
+    torch.testing.assert_close(student["head"]["mlp.0.weight"], head_state(192, 1)["mlp.0.weight"])
+    both = {"head": head_state(192, 1), "ref_head": head_state(192, 3)}
+    authors = network(to_authors_backbone(state), both, ddp=True)
+    assert sorted(extract_head_states(authors)) == ["head", "ref_head"]
+    # A timm classifier 'head.weight' is no DINO head; a bare backbone has none.
+    classifier = timm.create_model("vit_tiny_patch16_224", depth=1).state_dict()
+    assert "head.weight" in classifier and extract_head_states(classifier) == {}
+    assert extract_head_states(state) == {}

@@ -209,8 +209,9 @@ class ViewConfig:
         """The authors' README recipe: 2 teacher views + 4 more views, all 224 px, scale 0.25-1.
 
         The 4 extra views are the code's "local" crops (local recipe, 1 % overlap bound).
-        Their ``--num_reference 2`` draws 2 * 2 = 4 random points per pair ("Use k*k points in
-        actual", main_dino.py), hence ``num_points=4`` here.
+        Their ``--num_reference 2`` draws 2 random points per pair: in random mode
+        ``sampling_reference_point`` (main_dino.py) draws ``num_reference`` points; only grid
+        mode uses k x k (the flag's help text, "Use k*k points in actual", is wrong).
         """
         return cls(
             num_global=2,
@@ -220,7 +221,7 @@ class ViewConfig:
             global_scale=(0.25, 1.0),
             local_scale=(0.25, 1.0),
             num_teacher=2,
-            num_points=4,
+            num_points=2,
             point_mode="random",
         )
 

@@ -8,11 +8,16 @@ batch of views turns into losses. The trainer (``densedino.train``) only calls t
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from densedino.losses.dino import normalised_entropy
+from densedino.models.vit import VisionTransformer
 
 
 @dataclass
@@ -87,3 +92,37 @@ def resolution_groups(views: Sequence[Tensor]) -> list[tuple[int, int]]:
             groups.append((start, i))
             start = i
     return groups
+
+
+class Network(nn.Module):
+    """Backbone plus the heads a method puts on it (student and teacher share this shape)."""
+
+    def __init__(self, backbone: VisionTransformer, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        for name, head in heads.items():
+            self.add_module(name, head)
+
+
+def forward_views(backbone: VisionTransformer, views: Sequence[Tensor]) -> Tensor:
+    """CLS features [V, B, D] of V views [B, 3, H_v, W_v], views of equal size batched in one
+    pass (DINO's multi-crop wrapper)."""
+    parts = [
+        backbone.forward_features(torch.cat(list(views[start:end])))["cls"]
+        for start, end in resolution_groups(views)
+    ]
+    return torch.cat(parts).unflatten(0, (len(views), -1))
+
+
+def collapse_diagnostics(features: Tensor, probs: Tensor) -> dict[str, Tensor]:
+    """Signals of the two DINO collapse modes, logged every step at the cost of two reductions.
+
+    ``feature_std``: per-dimension std of the L2-normalised teacher features across the batch,
+    times sqrt(D) (about 1 for features spread on the sphere, 0 when all images map to one point).
+    ``teacher_entropy``: mean entropy of the teacher distribution ``probs`` (the centered,
+    sharpened softmax the loss uses) divided by log(C) (1 = uniform collapse, 0 = one prototype
+    takes everything).
+    """
+    flat = F.normalize(features.detach().flatten(0, -2).float(), dim=-1)
+    std = flat.std(dim=0).mean() * math.sqrt(flat.shape[-1])
+    return {"feature_std": std, "teacher_entropy": normalised_entropy(probs)}

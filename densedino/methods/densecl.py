@@ -38,8 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
-from densedino.methods.base import SSLMethod, StepState, make_teacher
-from densedino.methods.dino import Network
+from densedino.methods.base import Network, SSLMethod, StepState, make_teacher
 from densedino.models.vit import build_backbone
 
 GlobalFeature = Literal["cls", "mean"]

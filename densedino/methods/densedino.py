@@ -6,14 +6,24 @@ token of pair (iq, v) in view iq is matched with the student's token of the same
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedino.losses import ReferenceLoss, combine
 from densedino.losses.dino import teacher_probs
-from densedino.methods.base import StepState
-from densedino.methods.dino import DINO, PairMode, collapse_diagnostics, forward_views
+from densedino.methods.base import (
+    StepState,
+    collapse_diagnostics,
+    forward_views,
+    resolution_groups,
+)
+from densedino.methods.dino import DINO, PairMode
 from densedino.models.heads import DINOHead
+from densedino.models.vit import VisionTransformer
 
 Pairs = list[tuple[int, int]]
 
@@ -42,20 +52,19 @@ class DenseDINO(DINO):
 
     def __init__(
         self,
-        *args,
         alpha: float = 0.5,
         ref_pairs: PairMode = "all",
         ref_out_dim: int | None = None,
         ref_content: str = "zero",
-        **kwargs,
+        **dino_kwargs: Any,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if ref_pairs not in ("all", "global"):
             raise ValueError(f"ref_pairs must be 'all' or 'global', got {ref_pairs!r}")
         self.ref_out_dim = ref_out_dim
-        backbone = {"ref_content": ref_content, **(kwargs.pop("backbone", None) or {})}
-        super().__init__(*args, backbone=backbone, **kwargs)
+        backbone = {"ref_content": ref_content, **(dino_kwargs.pop("backbone", None) or {})}
+        super().__init__(backbone=backbone, **dino_kwargs)
         self.alpha = alpha
         self.ref_pairs = ref_pairs
         self.ref_loss = ReferenceLoss(
@@ -67,9 +76,11 @@ class DenseDINO(DINO):
         if unused is not None:
             unused.requires_grad_(False)
 
-    def build_heads(self, dim: int, out_dim: int, head_kw: dict) -> dict[str, nn.Module]:
-        heads = super().build_heads(dim, out_dim, head_kw)
-        heads["ref_head"] = DINOHead(dim, self.ref_out_dim or out_dim, **head_kw)
+    def build_heads(
+        self, backbone: VisionTransformer, out_dim: int, head_kw: dict
+    ) -> dict[str, nn.Module]:
+        heads = super().build_heads(backbone, out_dim, head_kw)
+        heads["ref_head"] = DINOHead(backbone.embed_dim, self.ref_out_dim or out_dim, **head_kw)
         return heads
 
     def ref_loss_pairs(self, num_views: int) -> Pairs:
@@ -96,9 +107,11 @@ class DenseDINO(DINO):
 
         with torch.no_grad():
             teacher_views = views[: self.num_teacher]
-            t_feat, t_refs = forward_views(self.teacher.backbone, teacher_views, t_points or None)
+            t_feat, t_refs = forward_views_with_points(
+                self.teacher.backbone, teacher_views, t_points
+            )
             t_out = self.teacher.head(t_feat)
-        s_feat, s_refs = forward_views(self.student.backbone, views, s_points or None)
+        s_feat, s_refs = forward_views_with_points(self.student.backbone, views, s_points)
 
         out: dict[str, Tensor] = {}
         probs = teacher_probs(t_out, self.dino_loss.center, temp)
@@ -140,3 +153,27 @@ def pair_tokens(refs: list[Tensor], partners: list[list[int]], pairs: Pairs, sid
         tokens = refs[view].unflatten(1, (len(partners[view]), -1))  # [B, partners, K, D]
         chunks.append(tokens[:, partners[view].index(other)])
     return torch.stack(chunks)
+
+
+def forward_views_with_points(
+    backbone: VisionTransformer, views: Sequence[Tensor], ref_points: Sequence[Tensor]
+) -> tuple[Tensor, list[Tensor]]:
+    """CLS features [V, B, D] and reference outputs (V tensors [B, M_v, D]) of every view with
+    its points ``ref_points`` (V tensors [B, M_v, 2]; none at all: an empty sequence).
+
+    Views of equal size run in one pass, their points zero-padded to the longest, which is
+    harmless because reference tokens never see each other.
+    """
+    if not ref_points:
+        return forward_views(backbone, views), []
+    cls_parts: list[Tensor] = []
+    refs: list[Tensor] = []
+    for start, end in resolution_groups(views):
+        group = ref_points[start:end]
+        longest = max(p.shape[1] for p in group)
+        points = torch.cat([F.pad(p, (0, 0, 0, longest - p.shape[1])) for p in group])
+        out = backbone.forward_features(torch.cat(list(views[start:end])), points)
+        cls_parts.append(out["cls"])
+        chunks = out["ref"].chunk(end - start)
+        refs.extend(c[:, : p.shape[1]] for c, p in zip(chunks, group, strict=True))
+    return torch.cat(cls_parts).unflatten(0, (len(views), -1)), refs

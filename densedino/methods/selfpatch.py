@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,10 @@ from torch import Tensor, nn
 
 from densedino.losses import PatchLoss
 from densedino.losses.dino import teacher_probs
-from densedino.methods.base import StepState, resolution_groups
-from densedino.methods.dino import DINO, PairMode, collapse_diagnostics
+from densedino.methods.base import StepState, collapse_diagnostics, resolution_groups
+from densedino.methods.dino import DINO
 from densedino.models.heads import DINOHead
-from densedino.models.vit import ARCHS, VisionTransformer
+from densedino.models.vit import VisionTransformer
 
 Border = Literal["wrap", "mask"]
 ImageToken = Literal["cls", "query"]
@@ -249,23 +249,13 @@ class SelfPatch(DINO):
 
     def __init__(
         self,
-        arch: str = "vit_small",
-        patch_size: int = 16,
-        out_dim: int = 65536,
         patch_out_dim: int = 4096,
         num_neighbours: int = 4,
         patch_weight: float = 0.1,
         border: Border = "wrap",
         image_token: ImageToken = "cls",
         aggregator_depth: int = 2,
-        head: dict | None = None,
-        norm_last_layer: bool = True,
-        drop_path_rate: float = 0.1,
-        num_teacher: int = 2,
-        cls_pairs: PairMode = "all",
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-        backbone: dict | None = None,
+        **dino_kwargs: Any,
     ) -> None:
         if border not in ("wrap", "mask"):
             raise ValueError(f"border must be 'wrap' or 'mask', got {border!r}")
@@ -275,36 +265,26 @@ class SelfPatch(DINO):
             raise ValueError(f"num_neighbours must be in [1, 8], got {num_neighbours}")
         if patch_weight < 0:
             raise ValueError(f"patch_weight must be >= 0, got {patch_weight}")
-        if arch not in ARCHS:
-            raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
         # Read by build_heads, which DINO.__init__ calls.
         self.patch_out_dim = patch_out_dim
-        self.num_heads = ARCHS[arch][1]
         self.aggregator_depth = aggregator_depth
-        super().__init__(
-            arch=arch,
-            patch_size=patch_size,
-            out_dim=out_dim,
-            head=head,
-            norm_last_layer=norm_last_layer,
-            drop_path_rate=drop_path_rate,
-            num_teacher=num_teacher,
-            cls_pairs=cls_pairs,
-            student_temp=student_temp,
-            center_momentum=center_momentum,
-            backbone=backbone,
-        )
+        super().__init__(**dino_kwargs)
         self.num_neighbours = num_neighbours
         self.patch_weight = patch_weight
         self.border: Border = border
         self.image_token: ImageToken = image_token
-        self.patch_loss = PatchLoss(patch_out_dim, student_temp, center_momentum)
+        self.patch_loss = PatchLoss(
+            patch_out_dim, self.dino_loss.student_temp, self.dino_loss.centering.momentum
+        )
         self._neighbours: dict[tuple[int, int, str], tuple[Tensor, Tensor]] = {}
 
-    def build_heads(self, dim: int, out_dim: int, head_kw: dict) -> dict[str, nn.Module]:
-        heads = super().build_heads(dim, out_dim, head_kw)
+    def build_heads(
+        self, backbone: VisionTransformer, out_dim: int, head_kw: dict
+    ) -> dict[str, nn.Module]:
+        heads = super().build_heads(backbone, out_dim, head_kw)
+        dim = backbone.embed_dim
         heads["patch_head"] = DINOHead(dim, self.patch_out_dim, **head_kw)
-        heads["aggregator"] = PatchAggregator(dim, self.num_heads, self.aggregator_depth)
+        heads["aggregator"] = PatchAggregator(dim, backbone.num_heads, self.aggregator_depth)
         return heads
 
     def neighbours(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:

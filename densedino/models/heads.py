@@ -3,8 +3,8 @@
 `DINOHead` follows the head of facebookresearch/dino: an MLP to a small bottleneck, L2
 normalisation, then a weight-normalised linear layer to the prototype scores. Its state-dict keys
 are those of DINO's released checkpoints (``mlp.0.weight``, ..., ``last_layer.weight_g``,
-``last_layer.weight_v``) so a DINO head loads unchanged (DenseDINO initialises its reference head
-from the DINO head).
+``last_layer.weight_v``) so a DINO head loads unchanged (fine-tuning DenseDINO from a DINO
+checkpoint loads it into both the CLS and the reference head, the paper's recipe).
 """
 
 from __future__ import annotations

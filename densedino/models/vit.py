@@ -99,17 +99,24 @@ def reference_attention_mask(
 def interpolate_pos_dino(grid: Tensor, size: tuple[int, int]) -> Tensor:
     """DINO's ``interpolate_pos_encoding`` of a patch grid [1, D, g, g] to ``size`` = (h, w).
 
-    Returns [1, h * w, D]. The native square grid is returned as it is; any other size is
-    bicubic ``F.interpolate`` with ``scale_factor = (side + 0.1) / g`` per axis (the scale
-    factor, not the size, sets the sampling positions) and no antialias.
+    Returns [1, h * w, D]. DINO keeps the native square grid as it is and otherwise calls
+    bicubic ``F.interpolate(scale_factor=((h + 0.1) / g, (w + 0.1) / g))`` (no antialias), which
+    reads output cell j at the grid coordinate (j + 0.5) g / (h + 0.1) - 0.5: the point
+    x_j = (2j + 1) / (h + 0.1) - 1 in ``grid_sample``'s [-1, 1] frame, whatever g. Sampling
+    those points bicubically with clamped taps (border padding, the same cubic kernel) gives
+    the same values and no size arithmetic, so the ONNX export stays exact at every size
+    (``tests/test_pos_embed.py`` pins both forms against the formula).
     """
-    gh, gw = grid.shape[-2:]
-    if (gh, gw) != tuple(size):
-        scale = ((size[0] + 0.1) / gh, (size[1] + 0.1) / gw)
-        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False)
-        if tuple(grid.shape[-2:]) != tuple(size):
-            raise RuntimeError(f"position grid interpolated to {grid.shape[-2:]}, not {size}")
-    return grid.flatten(2).transpose(1, 2)
+    h, w = size
+    native = (h == grid.shape[-2]) & (w == grid.shape[-1])
+    shift = torch.sym_ite(native, 0.0, 0.1)  # no Python branch: sizes may be symbolic
+    ys = (2 * torch.arange(h, device=grid.device, dtype=grid.dtype) + 1) / (h + shift) - 1
+    xs = (2 * torch.arange(w, device=grid.device, dtype=grid.dtype) + 1) / (w + shift) - 1
+    points = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # [h, w, (x, y)]
+    sampled = F.grid_sample(
+        grid, points[None], mode="bicubic", padding_mode="border", align_corners=False
+    )
+    return sampled.flatten(2).transpose(1, 2)
 
 
 def check_ref_points(ref_points: Tensor, batch: int) -> None:

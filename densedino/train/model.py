@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from mmengine.logging import print_log
 from mmengine.model import BaseModel, MMDistributedDataParallel
 from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, MODELS
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from densedino.data.views import normalize_views
 from densedino.methods import METHODS
 from densedino.methods.base import SSLMethod, StepState
+from densedino.train.init_from import init_from_checkpoint, parse_init_from
 
 for _method in METHODS:
     MODELS.register_module(module=_method)
@@ -84,6 +86,9 @@ class SSLModel(BaseModel):
         method: config of the method.
         clip_grad: per-parameter gradient norm bound (DINO: 3.0); None disables it.
         freeze_last_layer: epochs during which the heads' last layers get no update (DINO: 1).
+        init_from: fine-tune from released weights: a checkpoint path (any format
+            ``load_backbone`` reads) or ``dict(path=..., which='both'|'teacher'|'student')``;
+            see :mod:`densedino.train.init_from`. A resumed run's checkpoint overrides it.
     """
 
     def __init__(
@@ -92,9 +97,14 @@ class SSLModel(BaseModel):
         clip_grad: float | None = 3.0,
         freeze_last_layer: int = 1,
         data_preprocessor: dict | None = None,
+        init_from: str | dict | None = None,
     ) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         self.method: SSLMethod = MODELS.build(method)
+        if init_from is not None:
+            path, which = parse_init_from(init_from)
+            report = init_from_checkpoint(self.method, path, which)
+            print_log("\n".join(report.lines()), logger="current")
         self.clip_grad = clip_grad
         self.freeze_last_layer = freeze_last_layer
         self.state = StepState()

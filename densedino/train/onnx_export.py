@@ -5,10 +5,11 @@ normalised as in training, H and W independent multiples of the patch size; outp
 [B, D] and ``patch`` [B, h, w, D] after the final norm, as ``forward_features``.
 
 torch's dynamo exporter is used rather than the TorchScript one: it exports the position
-embedding resampling (antialiased bicubic) with symbolic sizes, so the ONNX model resamples for
-each input size instead of carrying the export size's embedding as a constant, and it has an
-ONNX lowering of antialiased bicubic (opset 18 ``Resize``). :func:`verify_onnx` checks this
-at sizes other than the export size.
+embedding resampling with symbolic sizes, so the ONNX model resamples for each input size as the
+backbone's ``pos_interp`` says (DINO's: bicubic ``GridSample`` at the points DINO's
+``F.interpolate`` reads; timm's: antialiased bicubic, opset 18 ``Resize``) instead of carrying the
+export size's embedding as a constant. :func:`verify_onnx` checks this at sizes other than the
+export size.
 """
 
 from __future__ import annotations

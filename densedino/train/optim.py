@@ -10,8 +10,9 @@ from densedino.train.hooks import unwrap
 
 
 def dino_param_groups(student: nn.Module) -> list[dict]:
-    """Weight decay on weights only: biases and 1-D parameters (norms, tokens' ...) get none.
-    Frozen parameters (the teacher, a frozen ``weight_g``) are left out."""
+    """Weight decay on weights only: biases and 1-D parameters (norm scales) get none; the
+    3-D CLS token and position embeddings are decayed, as in DINO. Frozen parameters (the
+    teacher, a frozen ``weight_g``, a head the loss does not use) are left out."""
     decay, no_decay = [], []
     for name, param in student.named_parameters():
         if not param.requires_grad:
