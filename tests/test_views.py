@@ -503,3 +503,35 @@ def test_views_are_contiguous_even_without_resize() -> None:
     image = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).permute(2, 0, 1)
     view = MultiViewTransform(cfg)(image)["views"][0]
     assert view.shape == (3, 64, 64) and view.is_contiguous()
+
+
+def test_uint8_views_are_the_float_views_before_normalisation() -> None:
+    from densedino.data.views import normalize_views
+
+    image = _coordinate_image()
+    for photometric in (False, True):
+        cfg = ViewConfig(num_local=2, global_size=48, local_size=32, photometric=photometric)
+        floats = MultiViewTransform(cfg)(image, torch.Generator().manual_seed(5))
+        ints = MultiViewTransform(cfg, dtype="uint8")(image, torch.Generator().manual_seed(5))
+        assert all(v.dtype == torch.uint8 and v.is_contiguous() for v in ints["views"])
+        for key in ("boxes", "flips", "points"):
+            torch.testing.assert_close(ints[key], floats[key], equal_nan=True)
+        batch = normalize_views(collate_views([ints]))
+        assert "pixel_norm" not in batch
+        std = torch.tensor(cfg.std).view(3, 1, 1)
+        # Rounding to uint8 at the end moves a pixel by at most half a grey level.
+        bound = 1e-5 if not photometric else 0.5 / 255 / float(std.min()) + 1e-5
+        for ours, theirs in zip(batch["views"], floats["views"], strict=True):
+            assert ours.dtype == torch.float32
+            assert (ours[0] - theirs).abs().max() <= bound
+
+
+def test_normalize_views_errors_and_float_passthrough() -> None:
+    from densedino.data.views import normalize_views
+
+    floats = {"views": [torch.zeros(1, 3, 4, 4)]}
+    assert normalize_views(floats) is floats
+    with pytest.raises(ValueError, match="pixel_norm"):
+        normalize_views({"views": [torch.zeros(1, 3, 4, 4, dtype=torch.uint8)]})
+    with pytest.raises(ValueError, match="dtype"):
+        MultiViewTransform(ViewConfig(), dtype="float16")  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ schedule = dict(
 )
 
 default_hooks = dict(
-    runtime_info=dict(type="RuntimeInfoHook"),
+    runtime_info=dict(type="DeferredRuntimeInfoHook"),  # logs without a sync per step
     timer=dict(type="IterTimerHook"),
     logger=dict(type="LoggerHook", interval=10),
     param_scheduler=dict(type="ParamSchedulerHook"),

@@ -15,6 +15,12 @@ then normalised. Float in place of uint8 between the ops skips a uint8 round tri
 rounds after each op; the difference is below half a grey level per op). Every random draw goes
 through the optional ``torch.Generator`` (or torch's global RNG).
 
+``MultiViewTransform(cfg, dtype="uint8")`` (the training data's) stops before the
+normalisation: it rounds the photometric pipeline's result to uint8 once at its end (as a PIL
+pipeline's ``ToTensor`` sees it) and records the mean and std in ``pixel_norm``;
+:func:`normalize_views` turns the batch into normalised float views on the device it sits on.
+A uint8 view is a quarter of the bytes to copy from the loader workers and to the device.
+
 Photometric recipe (DINO): colour jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8 in a random order,
 grayscale p = 0.2, Gaussian blur sigma U(0.1, 2) (kernel 2 * ceil(3 sigma) + 1, reflect padding;
 PIL's GaussianBlur(radius=sigma) uses sigma as the standard deviation) with p = 1.0 on global
@@ -508,15 +514,30 @@ def _to_uint8_chw(image: Tensor | PIL.Image.Image) -> Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
+ViewDType = Literal["float32", "uint8"]
+
+
+def quantize(view: Tensor) -> Tensor:
+    """A float view in [0, 1] as uint8 (round to the nearest grey level), contiguous."""
+    return view.mul(255.0).round_().clamp_(0.0, 255.0).to(torch.uint8).contiguous()
+
+
 class MultiViewTransform:
     """Image -> dict of views, boxes, flips and DenseDINO reference points (see module doc).
+
+    ``dtype``: ``float32`` gives normalised float views; ``uint8`` gives the views before the
+    normalisation, rounded to uint8, plus ``pixel_norm`` (mean and std) for
+    :func:`normalize_views`.
 
     ``num_fallbacks`` counts, over the life of this object (per process), the crops that fell
     back after ``max_tries`` candidates; each call also returns its own count.
     """
 
-    def __init__(self, cfg: ViewConfig) -> None:
+    def __init__(self, cfg: ViewConfig, dtype: ViewDType = "float32") -> None:
+        if dtype not in ("float32", "uint8"):
+            raise ValueError(f"dtype must be 'float32' or 'uint8', got {dtype!r}")
         self.cfg = cfg
+        self.dtype = dtype
         self.num_fallbacks = 0
         self._sizes = cfg.view_sizes
         self._recipes = [
@@ -525,15 +546,17 @@ class MultiViewTransform:
         ]
         self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self._std = torch.tensor(cfg.std).view(3, 1, 1)
+        self._pixel_norm = torch.tensor([cfg.mean, cfg.std])
 
     def __call__(
         self, image: Tensor | PIL.Image.Image, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
         """Make the views of one image.
 
-        Returns ``views`` (list of V float32 [3, S_v, S_v]), ``boxes`` [V, 4] (x0, y0, x1, y1
-        in original pixels), ``flips`` [V] bool, ``points`` [V, V, K', 2] float32 and
-        ``num_fallbacks`` (int64 scalar tensor).
+        Returns ``views`` (list of V float32 [3, S_v, S_v], or uint8 with ``dtype="uint8"``),
+        ``boxes`` [V, 4] (x0, y0, x1, y1 in original pixels), ``flips`` [V] bool, ``points``
+        [V, V, K', 2] float32, ``num_fallbacks`` (int64 scalar tensor) and, for uint8 views,
+        ``pixel_norm`` [2, 3] (mean; std).
         """
         cfg = self.cfg
         img = _to_uint8_chw(image)
@@ -567,21 +590,59 @@ class MultiViewTransform:
             )
             if flip_list[v]:
                 view = TF.horizontal_flip(view)
+            if self.dtype == "uint8" and not cfg.photometric:
+                # contiguous(): an un-resized crop keeps the image's pixel-interleaved strides.
+                views.append(view.contiguous())
+                continue
             view = view.float().div_(255.0)
             if cfg.photometric:
                 view = _photometric(view, draws[v], orders[v], self._recipes[v], cfg)
-            # contiguous(): an un-resized crop keeps the image's pixel-interleaved strides.
-            views.append(((view - self._mean) / self._std).contiguous())
+            if self.dtype == "uint8":
+                views.append(quantize(view))
+            else:
+                views.append(((view - self._mean) / self._std).contiguous())
         points = reference_points(
             boxes, flips, cfg.num_teacher, cfg.num_points, cfg.point_mode, generator
         )
-        return {
+        out = {
             "views": views,
             "boxes": boxes,
             "flips": flips,
             "points": points,
             "num_fallbacks": torch.tensor(fallbacks, dtype=torch.int64),
         }
+        if self.dtype == "uint8":
+            out["pixel_norm"] = self._pixel_norm.clone()
+        return out
+
+
+def normalize_views(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with float32 normalised views in place of uint8 ones, computed where the views
+    are (the train step calls it after moving the batch to the device).
+
+    uint8 views need ``batch['pixel_norm']`` ([2, 3] or one per sample, [B, 2, 3]: mean; std),
+    which is consumed. Float views pass through unchanged.
+    """
+    views = batch.get("views")
+    if not views or views[0].dtype != torch.uint8:
+        return batch
+    if "pixel_norm" not in batch:
+        raise ValueError(
+            "uint8 views need batch['pixel_norm'] (mean and std, from "
+            "MultiViewTransform(cfg, dtype='uint8'))"
+        )
+    if any(v.dtype != torch.uint8 for v in views):
+        raise ValueError(f"views mix dtypes: {sorted({str(v.dtype) for v in views})}")
+    batch = dict(batch)
+    stats = batch.pop("pixel_norm")
+    stats = (stats[0] if stats.ndim == 3 else stats).float()  # every sample has the same
+    if stats.shape != (2, 3):
+        raise ValueError(f"pixel_norm must be [2, 3] (mean; std), got {tuple(stats.shape)}")
+    # (x / 255 - mean) / std as one multiply-add per pixel.
+    scale = (1.0 / (255.0 * stats[1])).view(3, 1, 1)
+    shift = (-stats[0] / stats[1]).view(3, 1, 1)
+    batch["views"] = [torch.addcmul(shift, v.float(), scale) for v in views]
+    return batch
 
 
 def _stack_values(key: str, values: list[Any]) -> Any:

@@ -48,10 +48,10 @@ class Center(nn.Module):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         total, count = stats[:-1], stats[-1]
-        if count.item() == 0:
-            return
-        batch_mean = (total / count).unsqueeze(0)
-        self.center.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
+        # Decided on the device (no host sync): an empty batch keeps the old center.
+        batch_mean = (total / count.clamp_min(1.0)).unsqueeze(0)
+        updated = self.center * self.momentum + batch_mean * (1.0 - self.momentum)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, momentum={self.momentum}"

@@ -53,14 +53,22 @@ class SSLMethod(nn.Module):
         """EMA of the student's parameters into the teacher's (no-op without a teacher)."""
         if self.teacher is None:
             return
-        student = dict(self.student.named_parameters())
-        for name, param_t in self.teacher.named_parameters():
-            param_t.mul_(momentum).add_(student[name].detach(), alpha=1.0 - momentum)
+        teacher, student = ema_pairs(self.teacher, self.student)
+        # DINO's ``param_k.mul_(m).add_((1 - m) * param_q)`` as two multi-tensor kernels.
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
     def export_backbone(self) -> nn.Module:
         """The backbone to evaluate and serve (the teacher's when there is one, as DINO does)."""
         owner = self.teacher if self.teacher is not None else self.student
         return owner.backbone
+
+
+def ema_pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+    """The teacher's parameters and the student's of the same names, in the same order."""
+    named = dict(student.named_parameters())
+    pairs = [(param_t, named[name].detach()) for name, param_t in teacher.named_parameters()]
+    return [t for t, _ in pairs], [s for _, s in pairs]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -71,6 +71,8 @@ class SSLImageDataset(Dataset):
         ann_file: optional file list.
         views: ``ViewConfig`` fields, or ``{"preset": "dino"|"paper"|"authors", **overrides}``.
         seed: base of the per-sample seeds.
+        uint8_views: give uint8 views (normalised on the device by the train step, a quarter of
+            the bytes to move); False gives normalised float32 views.
 
     Indexed by ``(epoch, index)`` (see :class:`EpochSampler`) or a plain index (epoch 0).
     A file that cannot be decoded is logged, counted in ``sample['corrupt']`` and replaced by
@@ -83,10 +85,12 @@ class SSLImageDataset(Dataset):
         ann_file: str | None = None,
         views: dict | None = None,
         seed: int = 0,
+        uint8_views: bool = True,
     ) -> None:
         self.files = list_images(root, ann_file)
         self.view_config = build_view_config(views or {})
-        self.transform = MultiViewTransform(self.view_config)
+        dtype = "uint8" if uint8_views else "float32"
+        self.transform = MultiViewTransform(self.view_config, dtype=dtype)
         self.seed = seed
 
     def __len__(self) -> int:

@@ -1,5 +1,5 @@
-"""Hooks: DINO's per-iteration schedules that mmengine's schedulers do not cover, a collapse
-monitor, and the backbone export at the end of training."""
+"""Hooks: DINO's per-iteration schedules that mmengine's schedulers do not cover, logging without
+a host sync per iteration, a collapse monitor, and the backbone export at the end of training."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import math
 from collections import deque
 from pathlib import Path
 
+import torch
 from mmengine.dist import get_world_size, is_main_process
-from mmengine.hooks import Hook
+from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
+from mmengine.utils import apply_to
 
 from densedino.methods.base import StepState
 
@@ -101,6 +103,103 @@ class DINOScheduleHook(Hook):
         )
 
 
+# Log interval assumed when the runner has no LoggerHook.
+DEFAULT_LOG_INTERVAL = 10
+
+
+def log_interval(runner) -> int:
+    """The interval of the runner's LoggerHook (when the logs are written)."""
+    for hook in getattr(runner, "hooks", ()):
+        if isinstance(hook, LoggerHook):
+            return hook.interval
+    return DEFAULT_LOG_INTERVAL
+
+
+def to_numbers(entries: list[dict]) -> list[dict]:
+    """``entries`` with every tensor replaced by a Python number, in one device -> host
+    transfer per device (not one per value)."""
+    by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+    for i, entry in enumerate(entries):
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                by_device.setdefault(value.device, []).append((i, key, value))
+    numbers = [dict(entry) for entry in entries]
+    for items in by_device.values():
+        stacked = torch.stack([v.detach().reshape(()).double() for _, _, v in items])
+        for (i, key, _), number in zip(items, stacked.tolist(), strict=True):
+            numbers[i][key] = number
+    return numbers
+
+
+class DeferredLogging:
+    """Buffers per-iteration tensors and turns them into numbers when the logger needs them:
+    every ``interval`` batches (the LoggerHook's), at the end of an epoch, and on demand."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, dict]] = []
+        self.interval: int | None = None
+
+    def add(self, iteration: int, values: dict) -> None:
+        self.pending.append((iteration, values))
+
+    def due(self, runner, batch_idx: int) -> bool:
+        if self.interval is None:
+            self.interval = log_interval(runner)
+        loader = getattr(runner, "train_dataloader", None)
+        end_of_epoch = loader is not None and batch_idx + 1 == len(loader)
+        return (batch_idx + 1) % self.interval == 0 or end_of_epoch
+
+    def take(self) -> list[tuple[int, dict]]:
+        """The buffered (iteration, values) with numbers in place of tensors; empties the buffer."""
+        iterations = [i for i, _ in self.pending]
+        values = to_numbers([v for _, v in self.pending])
+        self.pending = []
+        return list(zip(iterations, values, strict=True))
+
+
+@HOOKS.register_module()
+class DeferredRuntimeInfoHook(RuntimeInfoHook):
+    """mmengine's ``RuntimeInfoHook`` without a host sync per logged value and iteration.
+
+    mmengine's hook hands every output of every step to the message hub, which calls
+    ``.item()`` on each: about ten device syncs per iteration. This one keeps the outputs as
+    tensors and hands them over, all at once and in order, when the LoggerHook is about to read
+    them (every ``interval`` batches, the end of an epoch) and before a checkpoint stores the
+    message hub, so the logged values and averaging windows are the same as mmengine's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deferred = DeferredLogging()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if outputs is not None:
+            self.deferred.add(runner.iter, {k: _detached(v) for k, v in outputs.items()})
+        if self.deferred.due(runner, batch_idx):
+            self.flush(runner)
+
+    def flush(self, runner) -> None:
+        """Hand the buffered values to the message hub."""
+        for _, values in self.deferred.take():
+            for key, value in values.items():
+                runner.message_hub.update_scalar(f"train/{key}", value)
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.deferred.pending:
+            self.flush(runner)
+            checkpoint["message_hub"] = apply_to(
+                runner.message_hub.state_dict(), lambda x: hasattr(x, "cpu"), lambda x: x.cpu()
+            )
+
+    def after_train(self, runner) -> None:
+        self.flush(runner)
+        super().after_train(runner)
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 @HOOKS.register_module()
 class CollapseMonitorHook(Hook):
     """Warns when the teacher collapses and keeps the count of skipped (corrupt) images.
@@ -113,9 +212,14 @@ class CollapseMonitorHook(Hook):
     iterations above ``stall_entropy``. Not a collapse (the student still follows the teacher),
     but the targets carry little information and the backbone learns slowly: the regime in
     which the CPU demo runs stay (docs/benchmarks.md). It is logged, not counted as collapse.
+
+    The step's values are read as numbers at log intervals only (the LoggerHook's, end of
+    epoch, end of training), all buffered iterations at once, so the monitor adds no host sync
+    per iteration; a warning therefore comes at most one log interval late.
     """
 
     priority = "LOW"
+    _KEYS = ("corrupt", "feature_std", "teacher_entropy")
 
     def __init__(
         self,
@@ -133,29 +237,42 @@ class CollapseMonitorHook(Hook):
         self.corrupt = 0
         self.collapsed_iters = 0
         self.stalled_epochs = 0
+        self.deferred = DeferredLogging()
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if not outputs:
-            return
-        self.corrupt += round(float(outputs.get("corrupt", 0)))
+        if outputs:
+            values = {k: _detached(outputs[k]) for k in self._KEYS if k in outputs}
+            self.deferred.add(runner.iter, values)
+        if self.deferred.due(runner, batch_idx):
+            self.flush(runner)
+
+    def flush(self, runner) -> None:
+        """Check the buffered iterations, in order."""
+        for iteration, values in self.deferred.take():
+            self.check(runner, iteration, values)
         runner.message_hub.update_info("corrupt_images_total", self.corrupt)
-        std = float(outputs.get("feature_std", 1.0))
-        entropy = float(outputs.get("teacher_entropy", 0.0))
-        if runner.iter < self.warmup_iters:
+
+    def check(self, runner, iteration: int, values: dict) -> None:
+        """Count corrupt images, record the entropy and warn on collapse for one iteration."""
+        self.corrupt += round(values.get("corrupt", 0))
+        std = values.get("feature_std", 1.0)
+        entropy = values.get("teacher_entropy", 0.0)
+        if iteration < self.warmup_iters:
             return
-        if "teacher_entropy" in outputs:
+        if "teacher_entropy" in values:
             self.recent_entropy.append(entropy)
         if std < self.min_feature_std or entropy > self.max_entropy:
             self.collapsed_iters += 1
             if self.collapsed_iters == 1 or self.collapsed_iters % 100 == 0:
                 runner.logger.warning(
-                    f"COLLAPSE WARNING at iter {runner.iter}: teacher feature_std={std:.4f} "
+                    f"COLLAPSE WARNING at iter {iteration}: teacher feature_std={std:.4f} "
                     f"(healthy ~1, bound {self.min_feature_std}), teacher_entropy={entropy:.4f} "
                     f"(1 = uniform, bound {self.max_entropy}). Check lr, teacher temperature, "
                     "centering momentum."
                 )
 
     def after_train_epoch(self, runner) -> None:
+        self.flush(runner)
         if self.corrupt:
             runner.logger.warning(f"{self.corrupt} unreadable images skipped so far")
         if self.recent_entropy and self.mean_recent_entropy() > self.stall_entropy:
@@ -172,6 +289,7 @@ class CollapseMonitorHook(Hook):
         return sum(self.recent_entropy) / len(self.recent_entropy)
 
     def after_run(self, runner) -> None:
+        self.flush(runner)
         runner.logger.info(
             f"training done: {self.corrupt} unreadable images skipped, "
             f"{self.collapsed_iters} iterations flagged as collapsed, "

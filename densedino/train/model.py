@@ -3,6 +3,12 @@
 The step follows DINO's: forward (under the optimizer wrapper's autocast), backward, per-parameter
 gradient clipping after unscaling, last layer frozen during the first epochs, optimizer step,
 teacher EMA. The same function serves the plain model and the DDP wrapper.
+
+The step never waits for the device except once, for the one decision the trainer must take:
+whether the loss is finite. That flag is copied to the host asynchronously right after the
+forward pass and read after backward has been queued, so the device keeps working meanwhile.
+Logged values stay tensors (:class:`densedino.train.hooks.DeferredRuntimeInfoHook` turns them
+into numbers at log intervals only).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, MODELS
 from torch import Tensor, nn
 
+from densedino.data.views import normalize_views
 from densedino.methods import METHODS
 from densedino.methods.base import SSLMethod, StepState
 from densedino.train.init_from import init_from_checkpoint, parse_init_from
@@ -26,11 +33,49 @@ for _method in METHODS:
 
 
 def clip_gradients(module: nn.Module, max_norm: float) -> None:
-    """DINO's clipping: each parameter's gradient norm separately, not the global norm."""
-    for param in module.parameters():
-        if param.grad is not None:
-            scale = max_norm / (param.grad.norm(2) + 1e-6)
-            param.grad.mul_(scale.clamp(max=1.0))
+    """DINO's clipping: each parameter's gradient norm separately, not the global norm.
+
+    ``grad *= min(1, max_norm / (||grad|| + 1e-6))`` per parameter, as DINO's
+    ``utils.clip_gradients``, with multi-tensor (``torch._foreach_*``) kernels: one launch per
+    op for all parameters instead of a Python loop of small ones, and no host sync.
+    """
+    grads = [param.grad for param in module.parameters() if param.grad is not None]
+    if not grads:
+        return
+    scales = list(torch._foreach_norm(grads, 2))
+    torch._foreach_add_(scales, 1e-6)
+    torch._foreach_reciprocal_(scales)
+    torch._foreach_mul_(scales, max_norm)
+    torch._foreach_clamp_max_(scales, 1.0)
+    torch._foreach_mul_(grads, scales)
+
+
+class FiniteFlag:
+    """``isfinite(loss)`` on its way to the host, started without waiting for the device.
+
+    On CUDA the flag is copied into pinned memory behind the forward pass on the current stream;
+    :meth:`check` waits for that copy only (by then backward is queued, so the device stays
+    busy). Elsewhere the computation is synchronous anyway and the flag is read directly.
+    """
+
+    def __init__(self, loss: Tensor) -> None:
+        self.loss = loss.detach()
+        finite = torch.isfinite(self.loss)
+        self._event = None
+        if finite.is_cuda:
+            self._flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._flag.copy_(finite, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._flag = finite
+
+    def check(self, iteration: int) -> None:
+        """Raise FloatingPointError if the loss was not finite."""
+        if self._event is not None:
+            self._event.synchronize()
+        if not bool(self._flag):
+            raise FloatingPointError(f"loss is {self.loss.item()} at iteration {iteration}")
 
 
 @MODELS.register_module()
@@ -79,12 +124,13 @@ def ssl_train_step(
 ) -> dict[str, Tensor]:
     """One optimisation step; ``forward_module`` is the model or its DDP wrapper."""
     with optim_wrapper.optim_context(forward_module):
-        batch = model.data_preprocessor(data, True)
+        batch = normalize_views(model.data_preprocessor(data, True))
         outputs = forward_module(mode="loss", **batch)
     loss = outputs.pop("loss")
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at iteration {model.state.iteration}")
+    finite = FiniteFlag(loss)
     optim_wrapper.backward(loss)
+    # The trainer's one decision: nothing is updated after a non-finite loss.
+    finite.check(model.state.iteration)
     student = model.method.student
     if model.clip_grad:
         scaler = getattr(optim_wrapper, "loss_scaler", None)
@@ -105,7 +151,7 @@ def log_values(
     """Scalars for the logger and TensorBoard, averaged over ranks like mmengine's losses."""
     values = {"loss": loss.detach(), **{k: v.detach().float() for k, v in outputs.items()}}
     corrupt = batch.get("corrupt", torch.zeros((), dtype=torch.long))
-    values["corrupt"] = corrupt.to(loss.device).float().sum()
+    values["corrupt"] = corrupt.to(loss.device, non_blocking=True).float().sum()
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         stacked = torch.stack([v.reshape(()) for v in values.values()])
