@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densedino.data.eval_transform import normalize
 from densedino.models.vit import VisionTransformer, arch_name, build_backbone
 from densedino.weights import load_backbone
 
 from . import visualize as vis
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLD = 0.6
 DISPLAY_SIZE = 448  # px, longer side of the painted maps (whatever the model's input size)
 THUMB_SIZE = 224  # px, longer side of one head's tile
@@ -83,8 +82,6 @@ class Explorer:
         self.model = model.to(self.device).eval()
         self.image_size = image_size
         self.patch = model.patch_size
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def prepare(self, picture: np.ndarray) -> np.ndarray:
         """The picture resized to the model's input size, uint8 RGB."""
@@ -94,8 +91,7 @@ class Explorer:
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        x = x.permute(2, 0, 1)[None].float() / 255.0
-        return (x - self._mean) / self._std
+        return normalize(x.permute(2, 0, 1)[None])
 
     def grid(self, image: np.ndarray) -> tuple[int, int]:
         """Patch grid (h, w) of a prepared image."""
