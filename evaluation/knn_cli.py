@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from densedino.cli.model_args import add_model_arguments, resolve_device
 from densedino.dist import finishes_process_group
 from densedino.evaluation.features import (
     DINO_CROP,
@@ -54,23 +55,7 @@ PROG = "densedino-eval knn"
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `knn` to `parser`."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="backbone weights: any format densedino.weights.load_backbone reads",
-    )
-    parser.add_argument(
-        "--arch",
-        default=None,
-        help="vit_tiny/vit_small/vit_base (None: inferred from the weights)",
-    )
-    parser.add_argument(
-        "--which",
-        default="teacher",
-        choices=("teacher", "student"),
-        help="network of a training checkpoint",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -104,11 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=min(8, os.cpu_count() or 1),
         help="data-loading processes per rank",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="extraction device (None: cuda[:LOCAL_RANK] if available, else cpu)",
     )
     parser.add_argument(
         "--out",
@@ -223,11 +203,7 @@ def _init_distributed() -> DistContext:
 
 
 def _device(choice: str | None) -> torch.device:
-    if choice:
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return torch.device(resolve_device(choice))
 
 
 def _model_factory(args: argparse.Namespace) -> Any:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densedino.cli.model_args import DEFAULT_RANDOM_ARCH
 from densedino.data.eval_transform import normalize
 from densedino.models.vit import VisionTransformer, arch_name, build_backbone
 from densedino.weights import load_backbone
@@ -132,18 +133,24 @@ class Explorer:
 
 # ------------------------------------------------------------------------------ the model
 def load_model(
-    checkpoint: str | os.PathLike[str] | None, arch: str = "vit_small", patch_size: int = 16
+    checkpoint: str | os.PathLike[str] | None,
+    arch: str | None = None,
+    patch_size: int = 16,
+    *,
+    which: str = "teacher",
 ) -> tuple[VisionTransformer, str]:
     """The backbone to show and a Markdown line saying which weights it has.
 
-    Without a checkpoint: ``arch`` with random weights (seed 0), labelled as such.
+    Without a checkpoint: ``arch`` (default vit_small) with random weights (seed 0), labelled as
+    such. With one, ``arch`` None is inferred from the weights (a given one is checked) and
+    ``which`` picks the teacher or the student of a training checkpoint.
     """
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):  # the seed must not leak into the caller's RNG
             torch.manual_seed(0)
-            model = build_backbone(arch, patch_size)
+            model = build_backbone(arch or DEFAULT_RANDOM_ARCH, patch_size)
         return model.eval(), random_weights_label(model)
-    model = load_backbone(checkpoint)
+    model = load_backbone(checkpoint, arch, which=which)
     name = arch_name(model) or f"ViT (dim {model.embed_dim}, {model.num_heads} heads)"
     return model, (
         f"**Weights:** `{Path(checkpoint).name}`: {name}/{model.patch_size}, "
