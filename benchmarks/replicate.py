@@ -413,7 +413,7 @@ def run_baseline(
         source = next((path for path in trained if path.is_file()), None)
         if source is None:
             raise FileNotFoundError(f"no trained backbone of seed {seed} to copy the shape of")
-        from densedino.cli.pipeline import random_init_like
+        from densedino.demo_job import random_init_like
 
         random_init_like(source, checkpoint, seed)
     evaluate(result, checkpoint, folder, ctx.data, seed, ctx.seg_epochs)
@@ -423,7 +423,7 @@ def run_baseline(
 
 def make_data(work_dir: Path, num_images: int) -> Path:
     """The built-in dataset, data seed 0, shared by every run (reused when already there)."""
-    from densedino.cli.pipeline import make_data as pipeline_make_data
+    from densedino.demo_job import make_data as pipeline_make_data
 
     return pipeline_make_data(
         argparse.Namespace(work_dir=work_dir, num_images=num_images, seed=DATA_SEED)

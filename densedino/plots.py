@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densedino.data.views import IMAGENET_MEAN, IMAGENET_STD
+from densedino.data.eval_transform import normalize
 from densedino.models.vit import VisionTransformer
 from densedino.serve import visualize as vis
 
@@ -156,10 +156,7 @@ def cls_attention_maps(model: VisionTransformer, image: np.ndarray) -> np.ndarra
 
     The image must already have a size that is a multiple of the patch size.
     """
-    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    x = ((pixels - mean) / std)[None]
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))[None]
     attn = model.eval().get_last_selfattention(x)[0]
     grid = (image.shape[0] // model.patch_size, image.shape[1] // model.patch_size)
     return vis.cls_attention(attn, grid)

@@ -29,15 +29,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms
 from tqdm import tqdm
+
+from densedino.data.constants import IMAGENET_MEAN, IMAGENET_STD
+from densedino.data.eval_transform import (  # noqa: F401 (re-exported)
+    DINO_CROP,
+    DINO_RESIZE,
+    eval_transform,
+    resize_for_crop,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DINO_RESIZE, DINO_CROP = 256, 224
 CACHE_VERSION = 1  # bump when the extraction changes, so old cache entries are not reused
 # What a corrupt, truncated or hostile image file raises while PIL decodes it.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -100,25 +104,6 @@ def scan_image_folder(
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     return ImageList(root, tuple(files), np.asarray(labels, dtype=np.int64), names, tuple(sizes))
-
-
-def eval_transform(resize: int = DINO_RESIZE, crop: int = DINO_CROP) -> transforms.Compose:
-    """DINO's k-NN transform: bicubic resize of the short side, center crop, ImageNet norm."""
-    if crop < 1 or resize < crop:
-        raise ValueError(f"need 1 <= crop <= resize, got resize={resize}, crop={crop}")
-    return transforms.Compose(
-        [
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(crop),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
-
-
-def resize_for_crop(crop: int) -> int:
-    """DINO's resize/crop ratio (256/224) applied to another crop, e.g. 128 -> 146."""
-    return round(crop * DINO_RESIZE / DINO_CROP)
 
 
 @dataclass(frozen=True)

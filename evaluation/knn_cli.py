@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from densedino.cli.model_args import add_model_arguments, resolve_device
 from densedino.dist import finishes_process_group
 from densedino.evaluation.features import (
     DINO_CROP,
@@ -52,120 +53,123 @@ DEFAULT_KS = (10, 20, 100, 200)
 PROG = "densedino-eval knn"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the options of `knn` to `parser`."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="backbone weights: any format densedino.weights.load_backbone reads",
-    )
-    parser.add_argument(
-        "--arch",
-        default=None,
-        help="vit_tiny/vit_small/vit_base (None: inferred from the weights)",
-    )
-    parser.add_argument(
-        "--which",
-        default="teacher",
-        choices=("teacher", "student"),
-        help="network of a training checkpoint",
-    )
-    parser.add_argument(
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Image folders and the k-NN transform (crop, resize) and loading."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
         "--data",
         required=True,
         type=Path,
         help="directory holding the split folders (<split>/<class>/*.jpg); for "
         "the built-in data: ROOT/imagenet",
     )
-    parser.add_argument("--train-split", default="train", help="split used as the bank")
-    parser.add_argument("--val-split", default="val", help="split that is classified")
-    parser.add_argument(
-        "--k",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_KS),
-        help="numbers of neighbours (one search at the largest)",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)"
-    )
-    parser.add_argument("--crop", type=int, default=DINO_CROP, help="center-crop size")
-    parser.add_argument(
+    group.add_argument("--train-split", default="train", help="split used as the bank")
+    group.add_argument("--val-split", default="val", help="split that is classified")
+    group.add_argument("--crop", type=int, default=DINO_CROP, help="center-crop size")
+    group.add_argument(
         "--resize",
         type=int,
         default=None,
         help=f"short-side resize before the crop (None: crop x "
         f"{DINO_RESIZE}/{DINO_CROP}, i.e. {DINO_RESIZE} for 224, 146 for 128)",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="extraction batch per rank")
-    parser.add_argument(
+    group.add_argument("--batch-size", type=int, default=64, help="extraction batch per rank")
+    group.add_argument(
         "--workers",
         type=int,
         default=min(8, os.cpu_count() or 1),
         help="data-loading processes per rank",
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="extraction device (None: cuda[:LOCAL_RANK] if available, else cpu)",
+
+
+def _add_vote_arguments(parser: argparse.ArgumentParser) -> None:
+    """DINO's weighted vote: the k values and the temperature."""
+    group = parser.add_argument_group("vote")
+    group.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_KS),
+        help="numbers of neighbours (one search at the largest)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("knn_results.json"),
-        help="results JSON (the table goes to stdout)",
+    group.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T)"
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="feature cache (None: knn_cache/ beside --out)",
-    )
-    parser.add_argument(
-        "--recompute",
-        action="store_true",
-        help="extract again even if cached features exist (and replace them)",
-    )
-    parser.add_argument(
-        "--fp16-cache",
-        action="store_true",
-        help="store the cached features in float16 (half the disk and memory)",
-    )
-    parser.add_argument(
+
+
+def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """The FAISS index and where and how it searches."""
+    group = parser.add_argument_group("search")
+    group.add_argument(
         "--index",
         default="flat",
         choices=("flat", "ivf"),
         help="exact inner-product index, or approximate inverted lists",
     )
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
-    parser.add_argument(
+    group.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(N))")
+    group.add_argument(
         "--nprobe", type=int, default=None, help="IVF lists visited per query (default nlist/8)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--recall-queries",
         type=int,
         default=1000,
         help="IVF: queries on which recall@k vs exact is measured (0 = all)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--faiss-device",
         default="auto",
         choices=("auto", "cpu", "gpu"),
         help="where FAISS searches (auto: every GPU it sees, else the CPU)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--faiss-fp16",
         action="store_true",
         help="GPU index: store the bank in float16 (half the GPU memory)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--chunk-size",
         type=int,
         default=DEFAULT_CHUNK_SIZE,
         help="queries searched at a time (bounds the working memory)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Results, the feature cache and progress bars."""
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--out",
+        type=Path,
+        default=Path("knn_results.json"),
+        help="results JSON (the table goes to stdout)",
+    )
+    group.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="feature cache (None: knn_cache/ beside --out)",
+    )
+    group.add_argument(
+        "--recompute",
+        action="store_true",
+        help="extract again even if cached features exist (and replace them)",
+    )
+    group.add_argument(
+        "--fp16-cache",
+        action="store_true",
+        help="store the cached features in float16 (half the disk and memory)",
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the options of `knn` to `parser`, one group per concern."""
+    add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_vote_arguments(parser)
+    _add_index_arguments(parser)
+    _add_output_arguments(parser)
     return parser
 
 
@@ -223,11 +227,7 @@ def _init_distributed() -> DistContext:
 
 
 def _device(choice: str | None) -> torch.device:
-    if choice:
-        return torch.device(choice)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return torch.device(resolve_device(choice))
 
 
 def _model_factory(args: argparse.Namespace) -> Any:

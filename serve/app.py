@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -228,60 +228,53 @@ def _request_body(
     return {"requestBody": {"required": True, "content": content}}
 
 
-# ------------------------------------------------------------------------------------- the app
-def create_app(model: VisionTransformer, *, settings: ServeSettings | None = None) -> FastAPI:
-    """The API around ``model``; batching starts with the app's lifespan (uvicorn runs it)."""
-    settings = settings or ServeSettings()
-    limits = settings.limits
-    engine = Engine(model, settings.device)
-    patch = model.patch_size
-    metrics = Metrics()
-    batcher: MicroBatcher[BatchKey, Job, dict[str, Any]] = MicroBatcher(
-        engine.run,
-        max_batch=settings.max_batch,
-        max_delay_s=settings.max_delay_ms / 1000,
-        max_queue=settings.max_queue,
-        on_batch=metrics.observe_batch,
-    )
-    state = {"ready": False, "reason": "warming up"}
+# ---------------------------------------------------------------------------------- the server
+class Server:
+    """What the routes share, kept on ``app.state.server``: the model, its engine and batcher,
+    the metrics and the readiness of one app."""
 
-    async def warm_up() -> None:
+    def __init__(self, model: VisionTransformer, settings: ServeSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.limits = settings.limits
+        self.engine = Engine(model, settings.device)
+        self.metrics = Metrics()
+        self.batcher: MicroBatcher[BatchKey, Job, dict[str, Any]] = MicroBatcher(
+            self.engine.run,
+            max_batch=settings.max_batch,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=self.metrics.observe_batch,
+        )
+        self.ready = False
+        self.reason = "warming up"
+
+    async def warm_up(self) -> None:
+        """One pass through the batcher; /readyz answers 503 until it is done."""
         try:
-            await batcher.call(engine.warmup)
+            await self.batcher.call(self.engine.warmup)
         except Exception as exc:  # reported by /readyz; the server keeps answering
             log.exception("warm-up failed")
-            state["reason"] = f"warm-up failed: {exc}"
+            self.reason = f"warm-up failed: {exc}"
             return
-        state.update(ready=True, reason="")
+        self.ready, self.reason = True, ""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        warm = asyncio.create_task(warm_up())
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        """Start the batcher and the warm-up with the app; stop the batcher with it."""
+        self.batcher.start()
+        warm = asyncio.create_task(self.warm_up())
         try:
             yield
         finally:
             warm.cancel()
-            state.update(ready=False, reason="shutting down")
-            await batcher.stop()
+            self.ready, self.reason = False, "shutting down"
+            await self.batcher.stop()
 
-    app = FastAPI(
-        title="densedino",
-        version=__version__,
-        description="Dense features and attention maps of a DenseDINO / DINO ViT backbone.",
-        lifespan=lifespan,
-    )
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s too
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.reason}, exc.status, exc.headers)
-
-    async def infer(items: list[tuple[BatchKey, Job]]) -> list[dict[str, Any]]:
+    async def infer(self, items: list[tuple[BatchKey, Job]]) -> list[dict[str, Any]]:
+        """Run jobs through the batcher; a full queue or a stopped batcher answers 503."""
         try:
-            return await batcher.run(items)
+            return await self.batcher.run(items)
         except QueueFullError as exc:
             raise ApiError(
                 503, f"server busy: {exc}", {"Retry-After": str(RETRY_AFTER_S)}
@@ -290,134 +283,184 @@ def create_app(model: VisionTransformer, *, settings: ServeSettings | None = Non
             raise ApiError(503, str(exc), {"Retry-After": str(RETRY_AFTER_S)}) from None
 
     def prepare(
-        blobs: list[bytes], resize: codec.Resize, size: int | None
+        self, blobs: list[bytes], resize: codec.Resize, size: int | None
     ) -> list[codec.PreparedImage]:
+        """Decode, check and preprocess uploaded images (runs in a worker thread)."""
+        size = size or self.model.img_size
+        patch = self.model.patch_size
         return [
-            codec.prepare_image(blob, resize, size or model.img_size, patch, limits, f"image {i}")
+            codec.prepare_image(blob, resize, size, patch, self.limits, f"image {i}")
             for i, blob in enumerate(blobs)
         ]
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        """The process is up and its event loop answers."""
-        return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"model": ErrorBody}})
-    async def readyz() -> JSONResponse:
-        """Ready once the model has run its warm-up pass and the batcher is running."""
-        if state["ready"] and batcher.running:
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"detail": state["reason"] or "batcher stopped"}, 503)
+def _server(request: Request) -> Server:
+    return request.app.state.server
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-    async def metrics_text() -> PlainTextResponse:
-        """Prometheus text format: requests, latency and batch-size histograms, queue depth."""
-        return PlainTextResponse(metrics.render(batcher.queued), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/model", tags=["model"], responses={401: _ERRORS[401]})
-    async def model_route() -> dict[str, Any]:
-        """Architecture, patch size, method, checkpoint sha256, batching and limits."""
-        return {
-            **describe(model, settings.model_info),
-            "device": str(engine.device),
-            "batching": {
-                "max_batch": settings.max_batch,
-                "max_delay_ms": settings.max_delay_ms,
-                "max_queue": settings.max_queue,
-            },
-            "limits": asdict(limits),
-        }
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse({"detail": exc.reason}, exc.status, exc.headers)
 
-    @app.post(
-        "/v1/features",
-        tags=["model"],
-        responses={
-            200: {
-                "description": "JSON (arrays with shapes), .npy or safetensors; binary bodies "
-                "state dtype, shapes, patch size and grid in X-DenseDINO-* headers",
-                "content": {
-                    "application/json": {},
-                    codec.NPY_MEDIA_TYPE: {},
-                    codec.SAFETENSORS_MEDIA_TYPE: {},
-                },
-            },
-            **_ERRORS,
+
+# --------------------------------------------------------------------------------- ops routes
+ops = APIRouter(tags=["ops"])
+
+
+@ops.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and its event loop answers."""
+    return {"status": "ok"}
+
+
+@ops.get("/readyz", responses={503: {"model": ErrorBody}})
+async def readyz(request: Request) -> JSONResponse:
+    """Ready once the model has run its warm-up pass and the batcher is running."""
+    server = _server(request)
+    if server.ready and server.batcher.running:
+        return JSONResponse({"status": "ready"})
+    return JSONResponse({"detail": server.reason or "batcher stopped"}, 503)
+
+
+@ops.get("/metrics", response_class=PlainTextResponse)
+async def metrics_text(request: Request) -> PlainTextResponse:
+    """Prometheus text format: requests, latency and batch-size histograms, queue depth."""
+    server = _server(request)
+    text = server.metrics.render(server.batcher.queued)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+
+# ------------------------------------------------------------------------------- model routes
+model_routes = APIRouter(tags=["model"])
+
+
+@model_routes.get("/v1/model", responses={401: _ERRORS[401]})
+async def model_route(request: Request) -> dict[str, Any]:
+    """Architecture, patch size, method, checkpoint sha256, batching and limits."""
+    server = _server(request)
+    settings = server.settings
+    return {
+        **describe(server.model, settings.model_info),
+        "device": str(server.engine.device),
+        "batching": {
+            "max_batch": settings.max_batch,
+            "max_delay_ms": settings.max_delay_ms,
+            "max_queue": settings.max_queue,
         },
-        openapi_extra=_request_body(codec.FeaturesJSON, codec.FeatureOptions, "images", True),
-    )
-    async def features(request: Request) -> Response:
-        """CLS and/or patch features of one or several images."""
-        media = _media_type(request)
-        body = await read_body(request, limits.max_body_bytes)
-        options: codec.FeatureOptions
-        if media == "application/json":
-            parsed = codec.validate_options(codec.FeaturesJSON, codec.parse_json_body(body))
-            _too_many(len(parsed.images), limits)
-            blobs = [codec.decode_base64(s, f"images[{i}]") for i, s in enumerate(parsed.images)]
-            options = parsed
-        else:
-            blobs, fields = await read_form(request, body, "images", limits)
-            options = codec.validate_options(codec.FeatureOptions, fields)
-            if not blobs:
-                raise ApiError(422, "no image: send one or more file parts named 'images'")
-            _too_many(len(blobs), limits)
-        prepared = await run_in_threadpool(prepare, blobs, options.resize, options.size)
-        sizes = {image.input_hw for image in prepared}
-        if options.format != "json" and len(sizes) > 1:
-            raise ApiError(
-                422,
-                f"format {options.format!r} stacks the images, but their inputs differ in size "
-                f"({sorted(sizes)}); use resize=fixed or format=json",
-            )
-        outputs = await infer(
-            [(BatchKey("features", *image.input_hw), Job(image.pixels)) for image in prepared]
-        )
+        "limits": asdict(server.limits),
+    }
 
-        def encode() -> codec.Encoded:
-            arrays = codec.feature_arrays(outputs, options.output, options.normalize)
-            return codec.encode_features(prepared, arrays, options, patch)
 
-        encoded = await run_in_threadpool(encode)
-        return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
-
-    @app.post(
-        "/v1/attention",
-        tags=["model"],
-        responses={
-            200: {"description": "per-head maps as JSON arrays with shapes"},
-            **_ERRORS,
+@model_routes.post(
+    "/v1/features",
+    responses={
+        200: {
+            "description": "JSON (arrays with shapes), .npy or safetensors; binary bodies "
+            "state dtype, shapes, patch size and grid in X-DenseDINO-* headers",
+            "content": {
+                "application/json": {},
+                codec.NPY_MEDIA_TYPE: {},
+                codec.SAFETENSORS_MEDIA_TYPE: {},
+            },
         },
-        openapi_extra=_request_body(codec.AttentionJSON, codec.AttentionOptions, "image", False),
-    )
-    async def attention(request: Request) -> Response:
-        """Last-block CLS attention per head; with (x, y) also the reference token's maps.
-
-        The reference token is placed at the point (pixels of the uploaded image); its
-        attention over the patches and the cosine similarity of its output to every patch
-        feature come back as h x w maps.
-        """
-        media = _media_type(request)
-        body = await read_body(request, limits.max_body_bytes)
-        options: codec.AttentionOptions
-        if media == "application/json":
-            parsed = codec.validate_options(codec.AttentionJSON, codec.parse_json_body(body))
-            blobs = [codec.decode_base64(parsed.image, "image")]
-            options = parsed
-        else:
-            blobs, fields = await read_form(request, body, "image", limits)
-            options = codec.validate_options(codec.AttentionOptions, fields)
-            if len(blobs) != 1:
-                raise ApiError(422, f"send exactly one file part named 'image', got {len(blobs)}")
-        (image,) = await run_in_threadpool(prepare, blobs, options.resize, options.size)
-        point = ref_point = None
-        if options.x is not None and options.y is not None:
-            point = (options.x, options.y)
-            ref_point = codec.normalized_point(options.x, options.y, image.width, image.height)
-        key = BatchKey("attention", *image.input_hw, with_point=point is not None)
-        (output,) = await infer([(key, Job(image.pixels, ref_point))])
-        encoded = await run_in_threadpool(
-            codec.encode_attention, image, output, patch, point, ref_point
+        **_ERRORS,
+    },
+    openapi_extra=_request_body(codec.FeaturesJSON, codec.FeatureOptions, "images", True),
+)
+async def features(request: Request) -> Response:
+    """CLS and/or patch features of one or several images."""
+    server = _server(request)
+    limits = server.limits
+    media = _media_type(request)
+    body = await read_body(request, limits.max_body_bytes)
+    options: codec.FeatureOptions
+    if media == "application/json":
+        parsed = codec.validate_options(codec.FeaturesJSON, codec.parse_json_body(body))
+        _too_many(len(parsed.images), limits)
+        blobs = [codec.decode_base64(s, f"images[{i}]") for i, s in enumerate(parsed.images)]
+        options = parsed
+    else:
+        blobs, fields = await read_form(request, body, "images", limits)
+        options = codec.validate_options(codec.FeatureOptions, fields)
+        if not blobs:
+            raise ApiError(422, "no image: send one or more file parts named 'images'")
+        _too_many(len(blobs), limits)
+    prepared = await run_in_threadpool(server.prepare, blobs, options.resize, options.size)
+    sizes = {image.input_hw for image in prepared}
+    if options.format != "json" and len(sizes) > 1:
+        raise ApiError(
+            422,
+            f"format {options.format!r} stacks the images, but their inputs differ in size "
+            f"({sorted(sizes)}); use resize=fixed or format=json",
         )
-        return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+    outputs = await server.infer(
+        [(BatchKey("features", *image.input_hw), Job(image.pixels)) for image in prepared]
+    )
 
+    def encode() -> codec.Encoded:
+        arrays = codec.feature_arrays(outputs, options.output, options.normalize)
+        return codec.encode_features(prepared, arrays, options, server.model.patch_size)
+
+    encoded = await run_in_threadpool(encode)
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+@model_routes.post(
+    "/v1/attention",
+    responses={
+        200: {"description": "per-head maps as JSON arrays with shapes"},
+        **_ERRORS,
+    },
+    openapi_extra=_request_body(codec.AttentionJSON, codec.AttentionOptions, "image", False),
+)
+async def attention(request: Request) -> Response:
+    """Last-block CLS attention per head; with (x, y) also the reference token's maps.
+
+    The reference token is placed at the point (pixels of the uploaded image); its
+    attention over the patches and the cosine similarity of its output to every patch
+    feature come back as h x w maps.
+    """
+    server = _server(request)
+    media = _media_type(request)
+    body = await read_body(request, server.limits.max_body_bytes)
+    options: codec.AttentionOptions
+    if media == "application/json":
+        parsed = codec.validate_options(codec.AttentionJSON, codec.parse_json_body(body))
+        blobs = [codec.decode_base64(parsed.image, "image")]
+        options = parsed
+    else:
+        blobs, fields = await read_form(request, body, "image", server.limits)
+        options = codec.validate_options(codec.AttentionOptions, fields)
+        if len(blobs) != 1:
+            raise ApiError(422, f"send exactly one file part named 'image', got {len(blobs)}")
+    (image,) = await run_in_threadpool(server.prepare, blobs, options.resize, options.size)
+    point = ref_point = None
+    if options.x is not None and options.y is not None:
+        point = (options.x, options.y)
+        ref_point = codec.normalized_point(options.x, options.y, image.width, image.height)
+    key = BatchKey("attention", *image.input_hw, with_point=point is not None)
+    (output,) = await server.infer([(key, Job(image.pixels, ref_point))])
+    encoded = await run_in_threadpool(
+        codec.encode_attention, image, output, server.model.patch_size, point, ref_point
+    )
+    return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
+
+
+# ------------------------------------------------------------------------------------- the app
+def create_app(model: VisionTransformer, *, settings: ServeSettings | None = None) -> FastAPI:
+    """The API around ``model``; batching starts with the app's lifespan (uvicorn runs it)."""
+    server = Server(model, settings or ServeSettings())
+    app = FastAPI(
+        title="densedino",
+        version=__version__,
+        description="Dense features and attention maps of a DenseDINO / DINO ViT backbone.",
+        lifespan=server.lifespan,
+    )
+    app.state.server = server
+    if server.settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=server.settings.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics)  # outermost: counts 401s too
+    app.add_exception_handler(ApiError, _api_error)
+    app.include_router(ops)
+    app.include_router(model_routes)
     return app

@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from densedino.cli.model_args import add_model_arguments, random_arch, resolve_device
+
 API_KEY_ENV = "DENSEDINO_API_KEY"
 
 
@@ -21,21 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
             "on every route but /healthz and /readyz. API docs at /docs once running."
         ),
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint",
-        help="backbone file: export/backbone.safetensors, a training checkpoint, timm/DINO weights",
-    )
-    source.add_argument(
+    model = add_model_arguments(parser, checkpoint_required=False, random_weights=True)
+    model.add_argument(
         "--random-weights",
         action="store_true",
-        help="serve a randomly initialised --arch (for trying the API; /v1/model says so)",
+        help="serve a randomly initialised --arch instead of --checkpoint (for trying the API; "
+        "/v1/model says so)",
     )
-    parser.add_argument("--arch", default="vit_small", help="architecture for --random-weights")
-    parser.add_argument("--patch-size", type=int, default=16, help="patch for --random-weights")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -62,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (not args.random_weights):
+        parser.error("give exactly one of --checkpoint and --random-weights")
     # Imported here so that --help answers without loading torch.
     import torch
     import uvicorn
@@ -83,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             random_weights=args.random_weights,
             arch=args.arch,
             patch_size=args.patch_size,
+            which=args.which,
         )
         limits = Limits(
             max_body_bytes=int(args.max_upload_mb * 2**20),
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue=args.max_queue,
             limits=limits,
             api_key=os.environ.get(API_KEY_ENV) or None,
-            device=args.device,
+            device=resolve_device(args.device),
             model_info=info,
         )
         app = create_app(model, settings=settings)
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if info.random_weights:
         logging.getLogger("densedino.serve").warning(
-            "serving RANDOM weights (%s): features carry no meaning", args.arch
+            "serving RANDOM weights (%s): features carry no meaning", random_arch(args)
         )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

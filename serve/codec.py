@@ -23,12 +23,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from torch import Tensor
 
-from densedino.data.views import IMAGENET_MEAN, IMAGENET_STD
+from densedino.data.eval_transform import model_input
 
 NPY_MEDIA_TYPE = "application/x-npy"
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
-_MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 class ApiError(Exception):
@@ -225,15 +223,9 @@ def input_size(
 
 
 def preprocess(image: Image.Image, height: int, width: int) -> Tensor:
-    """RGB image -> model input [3, height, width]: PIL bicubic resize, ImageNet mean/std.
-
-    Equal to torchvision's ``Resize((height, width), BICUBIC)``, ``ToTensor``, ``Normalize``.
-    """
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    pixels = pixels.permute(2, 0, 1).float().div(255)
-    return (pixels - _MEAN) / _STD
+    """RGB image -> model input [3, height, width] (see
+    :func:`densedino.data.eval_transform.model_input`)."""
+    return model_input(image, height, width)
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densedino.cli.model_args import DEFAULT_RANDOM_ARCH
+from densedino.data.eval_transform import normalize
 from densedino.models.vit import VisionTransformer, arch_name, build_backbone
 from densedino.weights import load_backbone
 
 from . import visualize as vis
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_THRESHOLD = 0.6
 DISPLAY_SIZE = 448  # px, longer side of the painted maps (whatever the model's input size)
 THUMB_SIZE = 224  # px, longer side of one head's tile
@@ -83,8 +83,6 @@ class Explorer:
         self.model = model.to(self.device).eval()
         self.image_size = image_size
         self.patch = model.patch_size
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     def prepare(self, picture: np.ndarray) -> np.ndarray:
         """The picture resized to the model's input size, uint8 RGB."""
@@ -94,8 +92,7 @@ class Explorer:
 
     def _tensor(self, image: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        x = x.permute(2, 0, 1)[None].float() / 255.0
-        return (x - self._mean) / self._std
+        return normalize(x.permute(2, 0, 1)[None])
 
     def grid(self, image: np.ndarray) -> tuple[int, int]:
         """Patch grid (h, w) of a prepared image."""
@@ -136,18 +133,24 @@ class Explorer:
 
 # ------------------------------------------------------------------------------ the model
 def load_model(
-    checkpoint: str | os.PathLike[str] | None, arch: str = "vit_small", patch_size: int = 16
+    checkpoint: str | os.PathLike[str] | None,
+    arch: str | None = None,
+    patch_size: int = 16,
+    *,
+    which: str = "teacher",
 ) -> tuple[VisionTransformer, str]:
     """The backbone to show and a Markdown line saying which weights it has.
 
-    Without a checkpoint: ``arch`` with random weights (seed 0), labelled as such.
+    Without a checkpoint: ``arch`` (default vit_small) with random weights (seed 0), labelled as
+    such. With one, ``arch`` None is inferred from the weights (a given one is checked) and
+    ``which`` picks the teacher or the student of a training checkpoint.
     """
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):  # the seed must not leak into the caller's RNG
             torch.manual_seed(0)
-            model = build_backbone(arch, patch_size)
+            model = build_backbone(arch or DEFAULT_RANDOM_ARCH, patch_size)
         return model.eval(), random_weights_label(model)
-    model = load_backbone(checkpoint)
+    model = load_backbone(checkpoint, arch, which=which)
     name = arch_name(model) or f"ViT (dim {model.embed_dim}, {model.num_heads} heads)"
     return model, (
         f"**Weights:** `{Path(checkpoint).name}`: {name}/{model.patch_size}, "

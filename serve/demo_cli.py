@@ -6,9 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from densedino.models.vit import ARCHS, PATCH_SIZES
+from densedino.cli.model_args import add_model_arguments, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,32 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
             "initialised backbone (labelled as such in the page)."
         ),
     )
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="backbone weights (backbone.safetensors from training, or any format that "
+    add_model_arguments(
+        parser,
+        checkpoint_required=False,
+        random_weights=True,
+        checkpoint_help="backbone weights (backbone.safetensors from training, or any format "
         "densedino.weights.load_backbone reads); default: random weights",
-    )
-    parser.add_argument(
-        "--arch",
-        default="vit_small",
-        choices=sorted(ARCHS),
-        help="architecture for random weights (ignored with --checkpoint); default vit_small",
-    )
-    parser.add_argument(
-        "--patch-size",
-        type=int,
-        default=16,
-        choices=PATCH_SIZES,
-        help="patch size for random weights (ignored with --checkpoint); default 16",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda when available, else cpu)",
-    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -64,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from densedino.serve.demo import Explorer, build_demo, bundled_examples, launch, load_model
 
     try:
-        device = torch.device(args.device)
-        model, label = load_model(args.checkpoint, args.arch, args.patch_size)
+        device = resolve_device(args.device)
+        model, label = load_model(args.checkpoint, args.arch, args.patch_size, which=args.which)
         explorer = Explorer(model, args.image_size, device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"densedino-demo: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any
 import safetensors
 import torch
 
+from densedino.cli.model_args import DEFAULT_RANDOM_ARCH
 from densedino.models.vit import VisionTransformer, arch_name, build_backbone
 from densedino.weights import load_backbone
 
@@ -86,24 +87,27 @@ def load_model(
     checkpoint: str | os.PathLike[str] | None,
     *,
     random_weights: bool = False,
-    arch: str = "vit_small",
+    arch: str | None = None,
     patch_size: int = 16,
     seed: int = 0,
+    which: str = "teacher",
 ) -> tuple[VisionTransformer, ModelInfo]:
     """The model to serve and its description.
 
     Without a checkpoint, random weights are built only when ``random_weights`` is set, so that
-    a missing checkpoint is never silently served as noise.
+    a missing checkpoint is never silently served as noise. ``arch`` None: inferred from the
+    checkpoint (a given one is checked against it), ``vit_small`` for random weights; ``which``
+    picks the teacher or the student of a training checkpoint.
     """
     if checkpoint is not None:
         if random_weights:
             raise ValueError("give either a checkpoint or random_weights, not both")
         path = Path(checkpoint)
-        model = load_backbone(path)
+        model = load_backbone(path, arch, which=which)
         info = ModelInfo("checkpoint", path.name, sha256_file(path), checkpoint_metadata(path))
         return model, info
     if not random_weights:
         raise ValueError("no checkpoint given; pass one, or ask for random weights explicitly")
     torch.manual_seed(seed)
-    model = build_backbone(arch, patch_size).eval()
+    model = build_backbone(arch or DEFAULT_RANDOM_ARCH, patch_size).eval()
     return model, ModelInfo("random", metadata={"seed": str(seed)})

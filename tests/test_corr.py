@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densedino.data import write_demo_dataset
+from densedino.data.eval_transform import denormalize
 from densedino.evaluation.cli import main as eval_main
 from densedino.evaluation.dense import corr
 from densedino.evaluation.dense.backbone import load_dense_backbone
-from densedino.evaluation.dense.data import IMAGENET_MEAN, IMAGENET_STD, Crop, random_crop
+from densedino.evaluation.dense.data import Crop, random_crop
 
 ANCHORS = torch.stack(
     torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="xy"), -1
@@ -89,7 +90,7 @@ def test_coordinate_image_end_to_end() -> None:
             return image, None
 
     def patch_fn(views: torch.Tensor, shuffle: bool = False) -> torch.Tensor:
-        rgb = views * IMAGENET_STD + IMAGENET_MEAN
+        rgb = denormalize(views)
         pooled = F.avg_pool2d(rgb[:, :2], 8)  # [B, 2, h, w]: the patch's mean (x, y) / side
         b, _, h, w = pooled.shape
         xy = pooled.permute(0, 2, 3, 1).reshape(-1, 2).double() * 128

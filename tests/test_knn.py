@@ -465,8 +465,8 @@ KNN_MARGIN = 5.0
 def test_pretraining_clearly_beats_random_init(tmp_path: Path) -> None:
     """DenseDINO's 30-epoch demo recipe (1,500 iterations, about 16 min on 2 cores) on the main
     job's data: its export classifies the val scenes clearly better than the same ViT at init."""
-    from densedino.cli.pipeline import random_init_like
     from densedino.data import write_demo_dataset
+    from densedino.demo_job import random_init_like
 
     data = write_demo_dataset(tmp_path / "data", num_images=2000, seed=0, workers=2)
     work = tmp_path / "densedino"

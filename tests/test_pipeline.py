@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from densedino.cli.pipeline import METHODS
+from densedino.demo_job import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("random-init", *METHODS)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from densedino.data.views import IMAGENET_MEAN, IMAGENET_STD
+from densedino.data.constants import IMAGENET_MEAN, IMAGENET_STD
 from densedino.models.vit import VisionTransformer, build_backbone
 from densedino.serve.app import ServeSettings, create_app
 from densedino.serve.cli import main as cli_main

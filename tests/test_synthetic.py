@@ -23,8 +23,9 @@ from densedino.data import (
     write_demo_dataset,
 )
 from densedino.data import cli as data_cli
+from densedino.data.constants import voc_palette
 from densedino.data.demo_dataset import label_of_index, min_num_images
-from densedino.data.synthetic import SHAPES, class_style, compose_layout, voc_palette
+from densedino.data.synthetic import SHAPES, class_style, compose_layout
 
 SIZE = 64  # small images keep the tests fast; the layout code does not depend on the size
 NUM_IMAGES = 40

@@ -40,8 +40,7 @@ train_dataloader = dict(
 )
 train_cfg = dict(max_epochs=200)
 schedule = dict(
-    lr=1.5e-4,
-    base_batch_size=256,
+    lr=1.5e-4,  # per base_batch_size (256) images, as the runtime's
     min_lr=0.0,
     warmup_epochs=40,
     weight_decay=0.1,

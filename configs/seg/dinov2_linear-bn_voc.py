@@ -4,9 +4,8 @@
 # (cat_max_ratio 0.75), hflip, photometric distortion; AdamW lr 1e-3, wd 1e-4, linear warm-up
 # over 1,500 iterations then poly (power 1) to 0, 40k iterations.
 # Test on val at the original resolution: (2048, 512) rescale, 512 sliding window, stride 341.
-_base_ = ["./_base_/seg_runtime.py"]
+_base_ = ["./_base_/seg_runtime.py", "./_base_/voc_data.py"]
 
-data_root = "data/VOCdevkit/VOC2012"
 crop_size = (512, 512)
 num_classes = 21
 
@@ -37,31 +36,15 @@ test_pipeline = [
     dict(type="LoadAnnotations"),  # after the resize: scored at the original resolution
     dict(type="PackSegInputs"),
 ]
+# VOC trainaug / val folders, workers and the test sampler: _base_/voc_data.py.
 train_dataloader = dict(
     batch_size=16,  # per process: DINOv2 used 8 GPUs x 2 images
-    num_workers=8,
-    persistent_workers=True,
     sampler=dict(type="InfiniteSampler", shuffle=True),
-    dataset=dict(
-        type="PascalVOCDataset",
-        data_root=data_root,
-        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassAug"),
-        ann_file="ImageSets/Segmentation/trainaug.txt",
-        pipeline=train_pipeline,
-    ),
+    dataset=dict(pipeline=train_pipeline),
 )
 test_dataloader = dict(
     batch_size=1,  # images keep their aspect ratio: sizes differ
-    num_workers=4,
-    persistent_workers=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="PascalVOCDataset",
-        data_root=data_root,
-        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClass"),
-        ann_file="ImageSets/Segmentation/val.txt",
-        pipeline=test_pipeline,
-    ),
+    dataset=dict(pipeline=test_pipeline),
 )
 
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=40000)
@@ -74,8 +57,6 @@ param_scheduler = [
     dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1500),
     dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=40000),
 ]
-default_hooks = dict(
-    logger=dict(type="LoggerHook", interval=50, log_metric_by_epoch=False),
-    checkpoint=dict(type="CheckpointHook", by_epoch=False, interval=-1, save_last=True),
-)
+# Iteration-based: the runtime's hooks (_base_/seg_runtime.py) count iterations, not epochs.
+default_hooks = dict(logger=dict(log_metric_by_epoch=False), checkpoint=dict(by_epoch=False))
 log_processor = dict(by_epoch=False)

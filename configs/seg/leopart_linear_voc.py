@@ -5,9 +5,8 @@
 # SGD lr 0.01 * batch / 60, momentum 0.9, wd 1e-4, x0.1 at epoch 20, 25 epochs.
 # Test on val: image and labels resized to 448 x 448, logits upsampled to 448, argmax, one
 # confusion matrix over the set, mean IoU over the 21 classes.
-_base_ = ["./_base_/seg_runtime.py"]
+_base_ = ["./_base_/seg_runtime.py", "./_base_/voc_data.py"]
 
-data_root = "data/VOCdevkit/VOC2012"
 crop_size = (448, 448)
 train_size = (100, 100)
 num_classes = 21
@@ -42,33 +41,14 @@ test_pipeline = [
     dict(type="ScoreAtInputSize"),
     dict(type="PackSegInputs"),
 ]
+# VOC trainaug / val folders, workers and the test sampler: _base_/voc_data.py.
 train_dataloader = dict(
     batch_size=60,  # per process; the lr is scaled by the total batch (auto_scale_lr)
-    num_workers=8,
-    persistent_workers=True,
     drop_last=True,
     sampler=dict(type="DefaultSampler", shuffle=True),
-    dataset=dict(
-        type="PascalVOCDataset",
-        data_root=data_root,
-        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClassAug"),
-        ann_file="ImageSets/Segmentation/trainaug.txt",
-        pipeline=train_pipeline,
-    ),
+    dataset=dict(pipeline=train_pipeline),
 )
-test_dataloader = dict(
-    batch_size=8,
-    num_workers=4,
-    persistent_workers=False,
-    sampler=dict(type="DefaultSampler", shuffle=False),
-    dataset=dict(
-        type="PascalVOCDataset",
-        data_root=data_root,
-        data_prefix=dict(img_path="JPEGImages", seg_map_path="SegmentationClass"),
-        ann_file="ImageSets/Segmentation/val.txt",
-        pipeline=test_pipeline,
-    ),
-)
+test_dataloader = dict(batch_size=8, dataset=dict(pipeline=test_pipeline))
 
 train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=25)
 optim_wrapper = dict(

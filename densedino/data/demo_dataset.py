@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from densedino.data.constants import voc_palette
 from densedino.data.synthetic import (
     APPEARANCES,
     CLASSES,
@@ -37,7 +38,6 @@ from densedino.data.synthetic import (
     PALETTE,
     render_scene,
     scene_rng,
-    voc_palette,
     with_ignore_border,
 )
 

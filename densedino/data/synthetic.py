@@ -27,6 +27,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from densedino.data.constants import voc_palette
+
 # Alphabetical on purpose: torchvision's ImageFolder sorts class folders by name, so the folder
 # index order equals the order of CLASSES and label i means CLASSES[i] in both layouts
 # (in the masks the same class is i + 1, since 0 is the background).
@@ -65,21 +67,6 @@ CLASS_STYLE_P = 0.75
 CLASS_HUE_STD = 0.03
 
 Grid = tuple[np.ndarray, np.ndarray]
-
-
-def voc_palette(num_entries: int = 256) -> list[tuple[int, int, int]]:
-    """The Pascal VOC colour map: entry 0 black, 1 dark red, 2 dark green, ..., 255 cream."""
-    palette = []
-    for index in range(num_entries):
-        red = green = blue = 0
-        value = index
-        for bit in range(8):
-            red |= ((value >> 0) & 1) << (7 - bit)
-            green |= ((value >> 1) & 1) << (7 - bit)
-            blue |= ((value >> 2) & 1) << (7 - bit)
-            value >>= 3
-        palette.append((red, green, blue))
-    return palette
 
 
 # Background followed by the foreground classes, in mask-index order.

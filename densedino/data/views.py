@@ -41,8 +41,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from densedino.data.constants import IMAGENET_MEAN, IMAGENET_STD
 
 # torchvision's RandomResizedCrop.get_params tries this many (area, ratio) draws per crop
 # before falling back to a centre crop.

@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from densedino.data.eval_transform import image_to_tensor
 from densedino.data.views import sample_crop_boxes
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 IGNORE_INDEX = 255
 
 
@@ -74,8 +73,7 @@ def voc_split(voc_root: Path, split: str, classes: str | None = "auto") -> SegIm
 
 def normalise(image: Image.Image) -> Tensor:
     """[3, H, W] float, ImageNet-normalised."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return (array.float() / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    return image_to_tensor(image)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from densedino.evaluation.dense.data import IMAGENET_MEAN, IMAGENET_STD
+from densedino.data.eval_transform import denormalize
 
 
 def write_json(path: Path, result: Mapping[str, Any]) -> Path:
@@ -31,7 +31,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def to_rgb(view: Tensor) -> np.ndarray:
     """A normalised [3, H, W] view back to an [H, W, 3] float image in [0, 1]."""
-    return (view * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
+    return denormalize(view).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def colourise(labels: Tensor, palette: Sequence[Sequence[int]]) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from densedino.cli.model_args import add_model_arguments
 from densedino.dist import finishes_process_group
 
 PROG = "densedino-eval seg"
@@ -51,12 +52,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `seg` to `parser`."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="backbone weights: any format densedino.weights.load_backbone reads",
-    )
+    add_model_arguments(parser, device=False)  # mmengine's runner places the model
     parser.add_argument(
         "--data", required=True, type=Path, help="the VOC2012 folder (VOCdevkit/VOC2012)"
     )
@@ -68,12 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config", type=Path, default=None, help="an mmengine config instead of --protocol"
-    )
-    parser.add_argument(
-        "--arch", default=None, help="vit_tiny/vit_small/vit_base (None: from the weights)"
-    )
-    parser.add_argument(
-        "--which", default="teacher", choices=("teacher", "student"), help="network of a checkpoint"
     )
     parser.add_argument(
         "--classes",

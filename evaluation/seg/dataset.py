@@ -14,7 +14,7 @@ from mmcv.transforms import BaseTransform
 from mmseg.datasets import BaseSegDataset, PascalVOCDataset
 from mmseg.registry import DATASETS, TRANSFORMS
 
-from densedino.data.synthetic import voc_palette
+from densedino.data.constants import voc_palette
 
 VOC_CLASSES: tuple[str, ...] = tuple(PascalVOCDataset.METAINFO["classes"])
 SPLIT_DIR = Path("ImageSets") / "Segmentation"

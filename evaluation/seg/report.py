@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from densedino.data.synthetic import voc_palette
+from densedino.data.constants import voc_palette
 
 IGNORE_INDEX = 255
 
