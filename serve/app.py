@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from densedino import __version__
@@ -44,6 +45,8 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 RETRY_AFTER_S = 1
 _MAX_FORM_FIELDS = 32
 _MAX_FORM_FIELD_BYTES = 64 * 1024
+
+CLIENT_CLOSED = 499  # nginx's status for a client that hung up before the answer
 
 
 @dataclass(frozen=True)
@@ -130,16 +133,23 @@ class ApiKeyMiddleware:
 
 # ---------------------------------------------------------------------------- request bodies
 async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_bytes``."""
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes``.
+
+    A client that hangs up mid-upload is answered (into the void) and counted as 499, nginx's
+    "client closed request", not as a server error.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"request body of {declared} bytes; the limit is {max_bytes}")
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise ApiError(413, f"request body over {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise ApiError(413, f"request body over {max_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(CLIENT_CLOSED, "the client closed the request mid-upload") from None
     return b"".join(chunks)
 
 

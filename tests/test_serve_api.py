@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -490,3 +491,46 @@ def test_cli_serves_a_checkpoint_with_api_key_from_env(tmp_path: Path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_client_hanging_up_mid_upload_is_499_not_500(model):
+    """A disconnect during the upload is the client's doing: no 500 in /metrics, no traceback."""
+    app = create_app(model, settings=ServeSettings(limits=LIMITS))
+    sent: list[dict] = []
+    messages = iter(
+        [
+            {"type": "http.request", "body": PNG[:100], "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/features",
+        "raw_path": b"/v1/features",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    text = app.state.server.metrics.render(queue_depth=0)
+    assert (
+        metric(
+            text, "densedino_requests_total", '{route="/v1/features",method="POST",status="499"}'
+        )
+        == 1
+    )
+    assert 'status="500"' not in text
