@@ -24,7 +24,9 @@ pair instead, i.e. DINO's own use of the same 6 views. For each setting, in one 
 - seconds per training step, the trainer's own (:func:`densedino.train.model.ssl_train_step`:
   uint8 views normalised on the device, forward, backward, per-parameter clipping, AdamW, teacher
   EMA, logged values), steps alternating between the two methods so that a change in machine
-  load hits both; the first step of each is a warm-up; medians and their ratio;
+  load hits both; the first step of each is a warm-up; medians and their ratio, of wall time and
+  of the process's CPU time (which other jobs on a shared machine do not inflate; with
+  ``--threads 1`` the cleanest measure);
 - peak memory of a step above the built model and optimizer, each method in its own process:
   peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the RSS before
   the steps on CPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory before the
@@ -115,13 +117,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def step_seconds(model: SSLModel, wrapper: OptimWrapper, batch: dict, args, amp: str) -> float:
+def step_seconds(
+    model: SSLModel, wrapper: OptimWrapper, batch: dict, args, amp: str
+) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one training step."""
     synchronize(args.device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with autocast(args.device, amp):
         model.train_step(dict(batch), wrapper)
     synchronize(args.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def count_flops(model: SSLModel, batch: dict, args) -> int:
@@ -146,18 +151,26 @@ def compare(name: str, args) -> dict:
     flops = {m: count_flops(built[m][0], batch, args) for m in METHODS}
     runs = [(amp, m) for amp in amp_modes(args) for m in METHODS]
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    cpu: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     for i in range(args.steps + 1):
         for amp, m in runs:
-            seconds = step_seconds(*built[m], batch, args, amp)
+            seconds, cpu_seconds = step_seconds(*built[m], batch, args, amp)
             if i > 0:  # the first step of each warms up allocators and caches
                 times[amp, m].append(seconds)
+                cpu[amp, m].append(cpu_seconds)
     per_amp = {}
     for amp in amp_modes(args):
         medians = {m: statistics.median(times[amp, m]) for m in METHODS}
+        cpu_medians = {m: statistics.median(cpu[amp, m]) for m in METHODS}
         per_amp[amp] = {
             "seconds": {m: times[amp, m] for m in METHODS},
             "median_s": medians,
             "step_ratio": medians["DenseDINO"] / medians["DINO"],
+            # CPU time is what a step costs whatever else the machine runs: on a shared host the
+            # wall time of one step varied 3x while its CPU time did not.
+            "cpu_seconds": {m: cpu[amp, m] for m in METHODS},
+            "median_cpu_s": cpu_medians,
+            "cpu_ratio": cpu_medians["DenseDINO"] / cpu_medians["DINO"],
         }
     return {
         "setting": name,
@@ -229,7 +242,8 @@ def print_table(result: dict, args) -> None:
         f"median of {args.steps} alternating steps"
     )
     memory = result.get("memory", {})
-    print(f"  {'':16s} {'GFLOP f+b':>10s} {'s/step':>8s} {'peak MiB':>9s}   steps (s)")
+    head = f"{'GFLOP f+b':>10s} {'s/step':>8s} {'CPU s':>8s} {'peak MiB':>9s}"
+    print(f"  {'':16s} {head}   steps (s)")
     for amp, timing in result["amp"].items():
         for m in METHODS:
             mem = (
@@ -240,11 +254,15 @@ def print_table(result: dict, args) -> None:
             steps = " ".join(f"{s:.2f}" for s in timing["seconds"][m])
             label = f"{m} {amp}"
             print(
-                f"  {label:16s} {gflop[m]:10.1f} {timing['median_s'][m]:8.3f} {mem:9.0f}   {steps}"
+                f"  {label:16s} {gflop[m]:10.1f} {timing['median_s'][m]:8.3f} "
+                f"{timing['median_cpu_s'][m]:8.3f} {mem:9.0f}   {steps}"
             )
     print(f"  DenseDINO / DINO: FLOPs {result['flop_ratio']:.3f} (forward + backward, float32)")
     for amp, timing in result["amp"].items():
-        print(f"  DenseDINO / DINO: step {timing['step_ratio']:.3f} with amp {amp} (goal <= 1.10)")
+        print(
+            f"  DenseDINO / DINO: step {timing['step_ratio']:.3f} wall, "
+            f"{timing['cpu_ratio']:.3f} CPU time, with amp {amp} (goal <= 1.10)"
+        )
     if memory:
         print(
             f"  DenseDINO / DINO: peak memory above the model {memory['ratio']:.3f} "
