@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
 from densedino.methods import DenseCL
 from densedino.methods.base import StepState

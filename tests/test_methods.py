@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.methods.densedino import DenseDINO, forward_views_with_points
 from densedino.methods.dino import DINO

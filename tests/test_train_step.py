@@ -11,7 +11,9 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 from torch import nn
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.methods.dino import DINO
 from densedino.train.hooks import DeferredRuntimeInfoHook

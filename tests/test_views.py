@@ -12,16 +12,12 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from densedino.data.views import (
-    MultiViewTransform,
-    ViewConfig,
-    adjust_hue,
-    collate_views,
-    gaussian_blur,
-    intersection_area,
-    pair_mask,
-    sample_view_boxes,
-)
+from densedino.data.collate import collate_views
+from densedino.data.crops import intersection_area, sample_view_boxes
+from densedino.data.photometric import adjust_hue, gaussian_blur
+from densedino.data.reference_points import pair_mask
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 
 HEIGHT, WIDTH = 192, 256
 
@@ -506,7 +502,7 @@ def test_views_are_contiguous_even_without_resize() -> None:
 
 
 def test_uint8_views_are_the_float_views_before_normalisation() -> None:
-    from densedino.data.views import normalize_views
+    from densedino.data.collate import normalize_views
 
     image = _coordinate_image()
     for photometric in (False, True):
@@ -527,7 +523,7 @@ def test_uint8_views_are_the_float_views_before_normalisation() -> None:
 
 
 def test_normalize_views_errors_and_float_passthrough() -> None:
-    from densedino.data.views import normalize_views
+    from densedino.data.collate import normalize_views
 
     floats = {"views": [torch.zeros(1, 3, 4, 4)]}
     assert normalize_views(floats) is floats
