@@ -101,7 +101,8 @@ def test_points_decode_same_image_location(point_mode: str, flip_p: float) -> No
         photometric=False,
         flip_p=flip_p,
         point_mode=point_mode,
-        num_points=3,
+        # 3 random points, or the 3 x 3 grid.
+        **({"grid_side": 3} if point_mode == "grid" else {"num_points": 3}),
         global_scale=(0.3, 1.0),
     )
     assert _check_points(cfg, samples=4, seed=1) == 4 * (2 * 5 + 2 * 4)
@@ -126,7 +127,7 @@ def test_shapes_dtypes_and_nan_pattern() -> None:
         global_size=64,
         local_size=32,
         point_mode="grid",
-        num_points=3,
+        grid_side=3,
     )
     out = MultiViewTransform(cfg)(_coordinate_image(), torch.Generator().manual_seed(0))
     assert [tuple(v.shape) for v in out["views"]] == [(3, 64, 64)] * 3 + [(3, 32, 32)] * 2
@@ -155,7 +156,7 @@ def test_shapes_dtypes_and_nan_pattern() -> None:
 
 
 def test_grid_points_are_cell_centres_of_overlap() -> None:
-    cfg = ViewConfig(num_local=1, photometric=False, flip_p=0.0, point_mode="grid", num_points=2)
+    cfg = ViewConfig(num_local=1, photometric=False, flip_p=0.0, point_mode="grid", grid_side=2)
     out = MultiViewTransform(cfg)(_coordinate_image(), torch.Generator().manual_seed(3))
     boxes = out["boxes"]
     lo = torch.maximum(boxes[0, :2], boxes[2, :2])
@@ -445,7 +446,7 @@ def test_presets() -> None:
     # --num_reference 2 in random mode: 2 random points per pair (main_dino.py's
     # sampling_reference_point; only grid mode draws k x k).
     assert authors.points_per_pair == 2 and authors.point_mode == "random"
-    assert ViewConfig(point_mode="grid", num_points=3).points_per_pair == 9
+    assert ViewConfig(point_mode="grid", grid_side=3).points_per_pair == 9
     out = MultiViewTransform(ViewConfig.paper())(_coordinate_image())
     assert out["points"].shape == (4, 4, 4, 2)
 
@@ -466,6 +467,10 @@ def test_presets() -> None:
         ({"global_scale": (0.4,)}, "global_scale"),
         ({"ratio": (4 / 3, 3 / 4)}, "ratio"),
         ({"point_mode": "lattice"}, "point_mode"),
+        ({"point_mode": "grid"}, "grid_side"),
+        ({"point_mode": "grid", "grid_side": 0}, "grid_side"),
+        ({"point_mode": "grid", "num_points": 3}, "grid_side"),  # not K x K: say grid_side
+        ({"grid_side": 3}, "grid_side"),  # random mode counts num_points
         ({"min_intersection": 1.0}, "min_intersection"),
         ({"min_intersection_global": -0.1}, "min_intersection_global"),
         ({"flip_p": 1.5}, "flip_p"),

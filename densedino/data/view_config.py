@@ -30,8 +30,14 @@ class ViewConfig:
     all earlier global crops (it maximises every intersection, so it meets the bound whenever any
     box can) and the fallback is counted.
 
-    ``num_points`` is K: ``random`` draws K points per pair, ``grid`` takes the K x K cell centres
-    of the overlap box (row-major, x fastest), so K * K points per pair.
+    Reference points of a pair of views (``points_per_pair`` of them):
+
+    - ``point_mode="random"``: ``num_points`` points drawn uniformly in the overlap box (the
+      authors' ``--num_reference`` in their random mode);
+    - ``point_mode="grid"``: the ``grid_side`` x ``grid_side`` cell centres of the overlap box
+      (row-major, x fastest), ``grid_side ** 2`` points (the authors' ``--num_reference`` in
+      their grid mode). ``num_points`` is not used; ``grid_side`` is required here and refused
+      in random mode.
 
     ``hue`` (maximum hue shift, a fraction of the colour wheel) and ``grayscale_p`` default to
     DINO's 0.1 and 0.2; data whose colours carry no meaning can ask for stronger ones.
@@ -46,6 +52,7 @@ class ViewConfig:
     num_teacher: int = 2
     num_points: int = 4
     point_mode: Literal["random", "grid"] = "random"
+    grid_side: int | None = None
     min_intersection: float = 0.01
     min_intersection_global: float = 0.02
     max_tries: int = 100
@@ -88,8 +95,7 @@ class ViewConfig:
                 raise ValueError(f"{name} must satisfy 0 < min <= max <= 1, got {(lo, hi)}")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if self.point_mode not in ("random", "grid"):
-            raise ValueError(f"point_mode must be 'random' or 'grid', got {self.point_mode!r}")
+        self._validate_points()
         for name in ("min_intersection", "min_intersection_global"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -103,6 +109,23 @@ class ViewConfig:
         if any(s <= 0.0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
+    def _validate_points(self) -> None:
+        """``point_mode`` and the one count that goes with it (see the class doc)."""
+        if self.point_mode == "random":
+            if self.grid_side is not None:
+                raise ValueError(
+                    f"grid_side={self.grid_side} is for point_mode='grid'; random mode draws "
+                    f"num_points={self.num_points} points per pair"
+                )
+        elif self.point_mode == "grid":
+            if self.grid_side is None or self.grid_side < 1:
+                raise ValueError(
+                    "point_mode='grid' needs grid_side >= 1 (grid_side ** 2 points per pair; "
+                    f"num_points is the count of random points), got grid_side={self.grid_side}"
+                )
+        else:
+            raise ValueError(f"point_mode must be 'random' or 'grid', got {self.point_mode!r}")
+
     @property
     def num_views(self) -> int:
         """Total number of views V."""
@@ -110,8 +133,10 @@ class ViewConfig:
 
     @property
     def points_per_pair(self) -> int:
-        """K' = K in random mode, K * K in grid mode."""
-        return self.num_points if self.point_mode == "random" else self.num_points**2
+        """K': ``num_points`` in random mode, ``grid_side ** 2`` in grid mode."""
+        if self.point_mode == "grid" and self.grid_side is not None:  # grid needs grid_side
+            return self.grid_side**2
+        return self.num_points
 
     @property
     def view_sizes(self) -> tuple[int, ...]:

@@ -141,8 +141,8 @@ class MultiViewTransform:
                 views.append(quantize(view))
             else:
                 views.append(((view - self._mean) / self._std).contiguous())
-        if cfg.point_mode == "grid":
-            positions = grid_positions(cfg.num_points)
+        if cfg.point_mode == "grid" and cfg.grid_side is not None:
+            positions = grid_positions(cfg.grid_side)
         else:
             positions = random_positions(num_views, cfg.num_points, generator)
         points = reference_points(boxes, flips, cfg.num_teacher, positions)
