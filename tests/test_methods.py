@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_DINO
 
 from densedino.data.collate import collate_views
 from densedino.data.view_config import ViewConfig
@@ -16,14 +17,6 @@ from densedino.methods.densedino import DenseDINO, forward_views_with_points
 from densedino.methods.dino import DINO
 from densedino.train.hooks import dino_schedule, teacher_temperature
 
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=8,
-    out_dim=64,
-    head=dict(hidden_dim=32, bottleneck_dim=16),
-    drop_path_rate=0.0,
-    backbone=dict(img_size=32, depth=2),
-)
 VIEWS = ViewConfig(
     num_global=2, global_size=32, num_local=2, local_size=16, num_points=3, photometric=False
 )
@@ -39,8 +32,8 @@ def batch() -> dict:
 
 def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
     torch.manual_seed(0)
-    dense = DenseDINO(**SMALL, alpha=0.5)
-    dino = DINO(**SMALL)
+    dense = DenseDINO(**TINY_DINO, alpha=0.5)
+    dino = DINO(**TINY_DINO)
     dino.load_state_dict(dense.state_dict(), strict=False)  # same backbone and CLS head
     state = StepState(teacher_temp=0.04)
     out_dense = dense.compute_losses(batch, state)
@@ -52,7 +45,7 @@ def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
 
 
 def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
-    method = DenseDINO(**SMALL)
+    method = DenseDINO(**TINY_DINO)
     num_views = len(batch["views"])
     teacher, student = method.partners(num_views)
     points = batch["points"]
@@ -70,7 +63,7 @@ def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
 
 def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None:
     torch.manual_seed(0)
-    backbone = DenseDINO(**SMALL).student.backbone.eval()
+    backbone = DenseDINO(**TINY_DINO).student.backbone.eval()
     views = batch["views"][:2]
     short = batch["points"][:, 0, [1]].flatten(1, 2)
     long = batch["points"][:, 1, [0, 2, 3]].flatten(1, 2)
@@ -81,7 +74,7 @@ def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None
 
 
 def test_alpha_zero_trains_the_reference_loss_only(batch: dict) -> None:
-    method = DenseDINO(**SMALL, alpha=0.0)
+    method = DenseDINO(**TINY_DINO, alpha=0.0)
     out = method.compute_losses(batch, StepState())
     torch.testing.assert_close(out["loss"].detach(), out["loss_ref"])
     out["loss"].backward()
@@ -90,7 +83,7 @@ def test_alpha_zero_trains_the_reference_loss_only(batch: dict) -> None:
 
 
 def test_teacher_is_an_ema_of_the_student() -> None:
-    method = DINO(**SMALL)
+    method = DINO(**TINY_DINO)
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     with torch.no_grad():
         for p in method.student.parameters():
@@ -103,7 +96,7 @@ def test_teacher_is_an_ema_of_the_student() -> None:
 
 
 def test_centers_move_only_after_the_loss(batch: dict) -> None:
-    method = DenseDINO(**SMALL)
+    method = DenseDINO(**TINY_DINO)
     assert method.dino_loss.center.abs().sum() == 0 and method.ref_loss.center.abs().sum() == 0
     method.compute_losses(batch, StepState())
     assert method.dino_loss.center.abs().sum() > 0 and method.ref_loss.center.abs().sum() > 0
@@ -141,7 +134,7 @@ def test_train_step_freezes_the_last_layer_in_epoch_zero(batch: dict) -> None:
     from densedino.train.model import SSLModel
     from densedino.train.optim import dino_param_groups
 
-    model = SSLModel(method=dict(type="DenseDINO", **SMALL), freeze_last_layer=1)
+    model = SSLModel(method=dict(type="DenseDINO", **TINY_DINO), freeze_last_layer=1)
     optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2)
     wrapper = OptimWrapper(optimizer)
     heads = [model.method.student.head, model.method.student.ref_head]
