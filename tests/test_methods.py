@@ -44,21 +44,43 @@ def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
     assert out_dense["loss"].requires_grad and math.isfinite(out_dense["loss"].item())
 
 
-def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
+def test_reference_pairs_and_partners_by_hand() -> None:
+    # 4 views, 2 teachers: every teacher view with every other view (authors' layout) ...
     method = DenseDINO(**TINY_DINO)
-    num_views = len(batch["views"])
-    teacher, student = method.partners(num_views)
-    points = batch["points"]
-    for iq, v in method.ref_loss_pairs(num_views):
-        # What the method feeds the two sides of pair (iq, v) ...
-        t_side = points[:, iq, teacher[iq]][:, teacher[iq].index(v)]
-        s_side = points[:, v, student[v]][:, student[v].index(iq)]
-        # ... is that pair's points in each view's own frame (the views test checks that those
-        # decode to the same image location).
-        torch.testing.assert_close(t_side, points[:, iq, v])
-        torch.testing.assert_close(s_side, points[:, v, iq])
-        assert not torch.isnan(t_side).any() and not torch.isnan(s_side).any()
-    assert len(method.ref_loss_pairs(num_views)) == 2 * (num_views - 1)
+    assert method.ref_loss_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert method.partners(4) == ([[1, 2, 3], [0, 2, 3]], [[1], [0], [0, 1], [0, 1]])
+    assert len(method.ref_loss_pairs(4)) == 2 * (4 - 1)
+    # ... or only the two teacher views with each other.
+    pairs_global = DenseDINO(**TINY_DINO, ref_pairs="global")
+    assert pairs_global.ref_loss_pairs(4) == [(0, 1), (1, 0)]
+    assert pairs_global.partners(4) == ([[1], [0]], [[1], [0], [], []])
+
+
+def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
+    """The tokens the reference heads get for pair (iq, v) are those of the pair's own points:
+    teacher view iq run alone with ``points[:, iq, v]`` and student view v alone with
+    ``points[:, v, iq]`` (the views test checks that those decode to the same image location)."""
+    torch.manual_seed(0)
+    method = DenseDINO(**TINY_DINO)
+    with torch.no_grad():  # a teacher that is not the student: the networks are told apart
+        for param in method.teacher.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    seen: dict[str, torch.Tensor] = {}
+    for side in ("teacher", "student"):
+        head = getattr(method, side).ref_head
+        head.register_forward_hook(lambda _m, args, _out, side=side: seen.update({side: args[0]}))
+    method.compute_losses(batch, StepState())
+    views, points = batch["views"], batch["points"]
+    pairs = method.ref_loss_pairs(len(views))
+    assert seen["teacher"].shape[:3] == seen["student"].shape[:3] == (len(pairs), 4, 3)
+    for p, (iq, v) in enumerate(pairs):
+        assert not torch.isnan(points[:, iq, v]).any() and not torch.isnan(points[:, v, iq]).any()
+        with torch.no_grad():
+            t_side = method.teacher.backbone.forward_features(views[iq], points[:, iq, v])["ref"]
+            s_side = method.student.backbone.forward_features(views[v], points[:, v, iq])["ref"]
+        torch.testing.assert_close(seen["teacher"][p], t_side, atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen["student"][p].detach(), s_side, atol=1e-5, rtol=0)
+    assert len(pairs) == 2 * (len(views) - 1)
 
 
 def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from densedino.data.collate import collate_views
@@ -277,33 +277,36 @@ def test_fallback_meets_bound_when_any_box_can() -> None:
         _assert_bound(boxes, cfg, float(HEIGHT * WIDTH))
 
 
+def _pil_view(image: Image.Image, box: list[int], size: int, flipped: bool) -> torch.Tensor:
+    """uint8 [3, size, size]: DINO's PIL way to one view (crop the box, bicubic resize, which
+    PIL antialiases when it shrinks, then mirror)."""
+    view = image.crop(tuple(box)).resize((size, size), Image.Resampling.BICUBIC)
+    if flipped:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(view)).permute(2, 0, 1)
+
+
 def test_view_is_crop_and_resize_of_its_box() -> None:
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 150, 200), dtype=torch.uint8, generator=generator)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
     cfg = ViewConfig(num_local=3, global_size=64, local_size=32, photometric=False)
     transform = MultiViewTransform(cfg)
     mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    one_level = 1 / 255 / float(std.min())  # a grey level, normalised
     seen_flips = set()
     for _ in range(5):
         out = transform(image, generator)
         for v, view in enumerate(out["views"]):
-            x0, y0, x1, y1 = (int(c) for c in out["boxes"][v])
-            size = cfg.view_sizes[v]
-            expected = TF.resized_crop(
-                image,
-                y0,
-                x0,
-                y1 - y0,
-                x1 - x0,
-                [size, size],
-                interpolation=InterpolationMode.BICUBIC,
-                antialias=True,
-            )
-            if out["flips"][v]:
-                expected = TF.horizontal_flip(expected)
-            expected = (expected.float() / 255 - mean) / std
-            torch.testing.assert_close(view, expected, atol=1e-5, rtol=0)
-            seen_flips.add(bool(out["flips"][v]))
+            box = [int(c) for c in out["boxes"][v]]
+            flipped = bool(out["flips"][v])
+            expected = _pil_view(pil, box, cfg.view_sizes[v], flipped)
+            error = (view - (expected.float() / 255 - mean) / std).abs()
+            # torchvision's uint8 antialiased bicubic and PIL's round a few pixels (< 1 %, in
+            # the last place) the other way; a shifted box or mirror misses most pixels.
+            assert float(error.max()) <= one_level + 1e-5
+            assert float((error <= 1e-5).float().mean()) >= 0.98
+            seen_flips.add(flipped)
     assert seen_flips == {False, True}
 
 
