@@ -122,43 +122,31 @@ def run_faiss(args: argparse.Namespace, data: dict[str, np.ndarray], kind: str) 
 
 
 def run_torch(args: argparse.Namespace, data: dict[str, np.ndarray]) -> dict:
-    """DINO's eval_knn.knn_classifier, once per k (as DINO does), on CPU tensors."""
+    """DINO's eval_knn.knn_classifier (tests/dino_knn.py), once per k (as DINO does), on CPU
+    tensors, in DINO's 100 chunks of queries."""
     import torch
 
-    train_t = torch.from_numpy(data["train"]).t()  # DINO keeps the bank transposed, [D, N]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dino_knn import dino_knn_classifier
+
+    train = torch.from_numpy(data["train"])
     train_labels = torch.from_numpy(data["train_labels"])
     test_features = torch.from_numpy(data["query"])
     test_labels = torch.from_numpy(data["query_labels"])
-    num_test, num_chunks = test_labels.shape[0], 100
-    per_chunk = max(1, num_test // num_chunks)
     acc = {}
     start = time.perf_counter()
     for k in args.k:
-        top1 = top5 = 0.0
-        retrieval_one_hot = torch.zeros(k, args.classes)
-        for idx in range(0, num_test, per_chunk):
-            features = test_features[idx : idx + per_chunk]
-            targets = test_labels[idx : idx + per_chunk]
-            batch_size = targets.shape[0]
-            similarity = torch.mm(features, train_t)
-            distances, indices = similarity.topk(k, largest=True, sorted=True)
-            candidates = train_labels.view(1, -1).expand(batch_size, -1)
-            retrieved_neighbors = torch.gather(candidates, 1, indices)
-            retrieval_one_hot.resize_(batch_size * k, args.classes).zero_()
-            retrieval_one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
-            distances_transform = distances.clone().div_(args.temperature).exp_()
-            probs = torch.sum(
-                torch.mul(
-                    retrieval_one_hot.view(batch_size, -1, args.classes),
-                    distances_transform.view(batch_size, -1, 1),
-                ),
-                1,
-            )
-            _, predictions = probs.sort(1, True)
-            correct = predictions.eq(targets.view(-1, 1))
-            top1 += correct.narrow(1, 0, 1).sum().item()
-            top5 += correct.narrow(1, 0, min(5, k)).sum().item()
-        acc[k] = (top1 * 100.0 / num_test, top5 * 100.0 / num_test)
+        _, top1, top5, _ = dino_knn_classifier(
+            train,
+            train_labels,
+            test_features,
+            test_labels,
+            k,
+            args.temperature,
+            args.classes,
+            keep_scores=False,
+        )
+        acc[k] = (top1, top5)
     return {"seconds": time.perf_counter() - start, "acc": acc}
 
 

@@ -53,7 +53,9 @@ import torch
 from mmengine.optim import OptimWrapper
 from torch.utils.flop_counter import FlopCounterMode
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views, normalize_views
+from densedino.data.collate import collate_views, normalize_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.train.model import SSLModel
 from densedino.train.optim import dino_param_groups

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
-from densedino.data.views import MultiViewTransform, ViewConfig
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 
 
 def procedural_photo(rng: np.random.Generator, width: int = 500, height: int = 375) -> Image.Image:

@@ -56,7 +56,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.methods.densedino import DenseDINO
 from densedino.methods.dino import DINO

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from densedino.checks import check_temperature
+
 if TYPE_CHECKING:
     import faiss
 
@@ -103,13 +105,6 @@ def check_k(ks: Sequence[int], bank_size: int) -> list[int]:
     if values[-1] > bank_size:
         raise ValueError(f"k={values[-1]} is larger than the training bank ({bank_size} features)")
     return values
-
-
-def check_temperature(temperature: float) -> float:
-    """`temperature` as a float, or ValueError unless it is finite and > 0."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    return float(temperature)
 
 
 # ---------------------------------------------------------------------------------- index

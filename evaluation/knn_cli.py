@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from densedino.checks import check_temperature
 from densedino.cli.model_args import add_model_arguments, resolve_device
 from densedino.dist import finishes_process_group
 from densedino.evaluation.features import (
@@ -42,7 +43,6 @@ from densedino.evaluation.knn import (
     accuracies_to_json,
     build_index,
     check_k,
-    check_temperature,
     describe_index,
     index_recall,
     knn_evaluate,

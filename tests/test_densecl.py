@@ -13,20 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
+from tiny import TINY_DENSECL
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.losses import KeyQueue, dense_correspondence, info_nce
 from densedino.methods import DenseCL
 from densedino.methods.base import StepState
-
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=8,
-    feat_dim=16,
-    hidden_dim=32,
-    queue_len=10,
-    backbone=dict(img_size=32, depth=2),
-)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +145,7 @@ def test_correspondence_is_the_argmax_of_backbone_cosine() -> None:
 # ------------------------------------------------------------------------------------ method
 def test_losses_equal_a_per_location_computation(batch: dict) -> None:
     torch.manual_seed(0)
-    method = DenseCL(**SMALL)
+    method = DenseCL(**TINY_DENSECL)
     queue, dense_queue = method.queue.keys.clone(), method.dense_queue.keys.clone()
     out = method.compute_losses(batch, StepState())
     with torch.no_grad():
@@ -190,7 +184,7 @@ def test_losses_equal_a_per_location_computation(batch: dict) -> None:
 
 def test_lambda_warm_up_and_global_feature(batch: dict, monkeypatch) -> None:
     torch.manual_seed(0)
-    method = DenseCL(**SMALL, loss_lambda=0.3, dense_warmup_iters=5)
+    method = DenseCL(**TINY_DENSECL, loss_lambda=0.3, dense_warmup_iters=5)
     early = method.compute_losses(batch, StepState(iteration=4))
     torch.testing.assert_close(early["loss"].detach(), early["loss_global"])
     late = method.compute_losses(batch, StepState(iteration=5))
@@ -198,7 +192,7 @@ def test_lambda_warm_up_and_global_feature(batch: dict, monkeypatch) -> None:
     torch.testing.assert_close(late["loss"].detach(), expected)
 
     pooled = []
-    mean_method = DenseCL(**SMALL, global_feature="mean")
+    mean_method = DenseCL(**TINY_DENSECL, global_feature="mean")
     neck = type(mean_method.student.neck)
     original = neck.forward
 
@@ -210,14 +204,14 @@ def test_lambda_warm_up_and_global_feature(batch: dict, monkeypatch) -> None:
     mean_method.encode(mean_method.student, batch["views"][0])
     torch.testing.assert_close(pooled[0][0], pooled[0][1].mean(1))
     with pytest.raises(ValueError, match="global_feature"):
-        DenseCL(**SMALL, global_feature="max")  # type: ignore[arg-type]
+        DenseCL(**TINY_DENSECL, global_feature="max")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 views"):
         method.compute_losses({"views": batch["views"][:1]}, StepState())
 
 
 def test_key_encoder_is_an_ema_and_the_query_encoder_is_exported(batch: dict) -> None:
     torch.manual_seed(0)
-    method = DenseCL(**SMALL)
+    method = DenseCL(**TINY_DENSECL)
     assert method.export_backbone() is method.student.backbone
     out = method.compute_losses(batch, StepState())
     out["loss"].backward()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TINY_DINO
 from torch import Tensor
 
 from densedino.methods import DenseDINO
@@ -23,14 +24,9 @@ NUM_POINTS = 2
 
 def small_method(**kw: object) -> DenseDINO:
     torch.manual_seed(0)
+    # Other head sizes than TINY_DINO's: 32 prototypes, as the centers below.
     method = DenseDINO(
-        arch="vit_tiny",
-        patch_size=8,
-        out_dim=32,
-        head=dict(hidden_dim=24, bottleneck_dim=12),
-        drop_path_rate=0.0,
-        backbone=dict(img_size=32, depth=2),
-        **kw,  # type: ignore[arg-type]
+        **{**TINY_DINO, "out_dim": 32, "head": dict(hidden_dim=24, bottleneck_dim=12), **kw}
     )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -13,19 +13,13 @@ from checkpoint_layouts import (
     head_state,
     to_authors_backbone,
 )
+from tiny import TINY_DINO
 from torch import nn
 
 from densedino.methods import DINO, DenseDINO
 from densedino.train.init_from import init_from_checkpoint, parse_init_from
 
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=16,
-    out_dim=64,
-    head=dict(hidden_dim=32, bottleneck_dim=16),
-    drop_path_rate=0.0,
-    backbone=dict(img_size=32, depth=2),
-)
+SMALL = dict(TINY_DINO, patch_size=16)
 
 
 def dense_dino(**kw: object) -> DenseDINO:

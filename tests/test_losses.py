@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from densedino.checks import check_temperature
 from densedino.losses import Center, DINOLoss, ReferenceLoss, combine
 
 C = 4
@@ -322,3 +323,14 @@ def test_center_all_reduce_with_unequal_batches(tmp_path: Path) -> None:
     for rank in range(2):
         got = torch.load(tmp_path / f"center{rank}.pt").numpy()[0]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), float("inf")])
+def test_check_temperature_names_the_argument(bad: float) -> None:
+    # One check for the losses and the k-NN vote (densedino.checks).
+    with pytest.raises(ValueError, match=r"^DINOLoss: teacher_temp must be a finite number > 0"):
+        check_temperature(bad, "DINOLoss: teacher_temp")
+    with pytest.raises(ValueError, match=r"^temperature must be"):
+        check_temperature(bad)
+    value = check_temperature(np.float32(0.5))
+    assert type(value) is float and value == 0.5

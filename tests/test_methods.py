@@ -7,21 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_DINO
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.methods.densedino import DenseDINO, forward_views_with_points
 from densedino.methods.dino import DINO
 from densedino.train.hooks import dino_schedule, teacher_temperature
 
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=8,
-    out_dim=64,
-    head=dict(hidden_dim=32, bottleneck_dim=16),
-    drop_path_rate=0.0,
-    backbone=dict(img_size=32, depth=2),
-)
 VIEWS = ViewConfig(
     num_global=2, global_size=32, num_local=2, local_size=16, num_points=3, photometric=False
 )
@@ -37,8 +32,8 @@ def batch() -> dict:
 
 def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
     torch.manual_seed(0)
-    dense = DenseDINO(**SMALL, alpha=0.5)
-    dino = DINO(**SMALL)
+    dense = DenseDINO(**TINY_DINO, alpha=0.5)
+    dino = DINO(**TINY_DINO)
     dino.load_state_dict(dense.state_dict(), strict=False)  # same backbone and CLS head
     state = StepState(teacher_temp=0.04)
     out_dense = dense.compute_losses(batch, state)
@@ -49,26 +44,48 @@ def test_reference_tokens_leave_the_cls_loss_unchanged(batch: dict) -> None:
     assert out_dense["loss"].requires_grad and math.isfinite(out_dense["loss"].item())
 
 
+def test_reference_pairs_and_partners_by_hand() -> None:
+    # 4 views, 2 teachers: every teacher view with every other view (authors' layout) ...
+    method = DenseDINO(**TINY_DINO)
+    assert method.ref_loss_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]
+    assert method.partners(4) == ([[1, 2, 3], [0, 2, 3]], [[1], [0], [0, 1], [0, 1]])
+    assert len(method.ref_loss_pairs(4)) == 2 * (4 - 1)
+    # ... or only the two teacher views with each other.
+    pairs_global = DenseDINO(**TINY_DINO, ref_pairs="global")
+    assert pairs_global.ref_loss_pairs(4) == [(0, 1), (1, 0)]
+    assert pairs_global.partners(4) == ([[1], [0]], [[1], [0], [], []])
+
+
 def test_reference_pairs_point_at_the_same_locations(batch: dict) -> None:
-    method = DenseDINO(**SMALL)
-    num_views = len(batch["views"])
-    teacher, student = method.partners(num_views)
-    points = batch["points"]
-    for iq, v in method.ref_loss_pairs(num_views):
-        # What the method feeds the two sides of pair (iq, v) ...
-        t_side = points[:, iq, teacher[iq]][:, teacher[iq].index(v)]
-        s_side = points[:, v, student[v]][:, student[v].index(iq)]
-        # ... is that pair's points in each view's own frame (the views test checks that those
-        # decode to the same image location).
-        torch.testing.assert_close(t_side, points[:, iq, v])
-        torch.testing.assert_close(s_side, points[:, v, iq])
-        assert not torch.isnan(t_side).any() and not torch.isnan(s_side).any()
-    assert len(method.ref_loss_pairs(num_views)) == 2 * (num_views - 1)
+    """The tokens the reference heads get for pair (iq, v) are those of the pair's own points:
+    teacher view iq run alone with ``points[:, iq, v]`` and student view v alone with
+    ``points[:, v, iq]`` (the views test checks that those decode to the same image location)."""
+    torch.manual_seed(0)
+    method = DenseDINO(**TINY_DINO)
+    with torch.no_grad():  # a teacher that is not the student: the networks are told apart
+        for param in method.teacher.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    seen: dict[str, torch.Tensor] = {}
+    for side in ("teacher", "student"):
+        head = getattr(method, side).ref_head
+        head.register_forward_hook(lambda _m, args, _out, side=side: seen.update({side: args[0]}))
+    method.compute_losses(batch, StepState())
+    views, points = batch["views"], batch["points"]
+    pairs = method.ref_loss_pairs(len(views))
+    assert seen["teacher"].shape[:3] == seen["student"].shape[:3] == (len(pairs), 4, 3)
+    for p, (iq, v) in enumerate(pairs):
+        assert not torch.isnan(points[:, iq, v]).any() and not torch.isnan(points[:, v, iq]).any()
+        with torch.no_grad():
+            t_side = method.teacher.backbone.forward_features(views[iq], points[:, iq, v])["ref"]
+            s_side = method.student.backbone.forward_features(views[v], points[:, v, iq])["ref"]
+        torch.testing.assert_close(seen["teacher"][p], t_side, atol=1e-5, rtol=0)
+        torch.testing.assert_close(seen["student"][p].detach(), s_side, atol=1e-5, rtol=0)
+    assert len(pairs) == 2 * (len(views) - 1)
 
 
 def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None:
     torch.manual_seed(0)
-    backbone = DenseDINO(**SMALL).student.backbone.eval()
+    backbone = DenseDINO(**TINY_DINO).student.backbone.eval()
     views = batch["views"][:2]
     short = batch["points"][:, 0, [1]].flatten(1, 2)
     long = batch["points"][:, 1, [0, 2, 3]].flatten(1, 2)
@@ -79,7 +96,7 @@ def test_forward_views_pads_points_without_changing_outputs(batch: dict) -> None
 
 
 def test_alpha_zero_trains_the_reference_loss_only(batch: dict) -> None:
-    method = DenseDINO(**SMALL, alpha=0.0)
+    method = DenseDINO(**TINY_DINO, alpha=0.0)
     out = method.compute_losses(batch, StepState())
     torch.testing.assert_close(out["loss"].detach(), out["loss_ref"])
     out["loss"].backward()
@@ -88,7 +105,7 @@ def test_alpha_zero_trains_the_reference_loss_only(batch: dict) -> None:
 
 
 def test_teacher_is_an_ema_of_the_student() -> None:
-    method = DINO(**SMALL)
+    method = DINO(**TINY_DINO)
     teacher_before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     with torch.no_grad():
         for p in method.student.parameters():
@@ -101,7 +118,7 @@ def test_teacher_is_an_ema_of_the_student() -> None:
 
 
 def test_centers_move_only_after_the_loss(batch: dict) -> None:
-    method = DenseDINO(**SMALL)
+    method = DenseDINO(**TINY_DINO)
     assert method.dino_loss.center.abs().sum() == 0 and method.ref_loss.center.abs().sum() == 0
     method.compute_losses(batch, StepState())
     assert method.dino_loss.center.abs().sum() > 0 and method.ref_loss.center.abs().sum() > 0
@@ -139,7 +156,7 @@ def test_train_step_freezes_the_last_layer_in_epoch_zero(batch: dict) -> None:
     from densedino.train.model import SSLModel
     from densedino.train.optim import dino_param_groups
 
-    model = SSLModel(method=dict(type="DenseDINO", **SMALL), freeze_last_layer=1)
+    model = SSLModel(method=dict(type="DenseDINO", **TINY_DINO), freeze_last_layer=1)
     optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2)
     wrapper = OptimWrapper(optimizer)
     heads = [model.method.student.head, model.method.student.ref_head]

@@ -26,6 +26,15 @@ def record(step: int, loss: float, **extra: float) -> dict:
     return {"lr": 1e-3, "loss": loss, **extra, "time": 0.5, "epoch": 1, "iter": step, "step": step}
 
 
+# matplotlib's default colours of the first two lines of an axis (C0, C1).
+LINE_COLOURS = ((31, 119, 180), (255, 127, 14))
+
+
+def count_colour(pixels: np.ndarray, colour: tuple[int, int, int]) -> int:
+    """Pixels of exactly ``colour`` in an RGB picture."""
+    return int(np.all(pixels == np.array(colour, dtype=np.uint8), axis=-1).sum())
+
+
 def assert_picture(path: Path, min_size: tuple[int, int] = (100, 100)) -> np.ndarray:
     with Image.open(path) as image:
         assert image.format == "PNG"
@@ -106,13 +115,31 @@ def test_plot_loss_curves_is_deterministic(tmp_path: Path) -> None:
     pixels = assert_picture(first, (600, 200))
     assert pixels.shape[1] > 2 * pixels.shape[0]  # three panels side by side
     assert first.read_bytes() == second.read_bytes()
+    # The total panel (left third) draws both methods, in matplotlib's first two colours.
+    total = pixels[:, : pixels.shape[1] // 3]
+    assert count_colour(total, LINE_COLOURS[0]) > 20 and count_colour(total, LINE_COLOURS[1]) > 20
+    # Other values draw another picture.
+    changed = {**losses, "dino": {"loss": ([1, 2, 3], [7.0, 3.0, 5.5])}}
+    other = plots.plot_loss_curves(changed, tmp_path / "c" / "loss.png")
+    other_pixels = assert_picture(other, (600, 200))
+    assert other_pixels.shape == pixels.shape and not np.array_equal(other_pixels, pixels)
     with pytest.raises(ValueError, match="no method"):
         plots.plot_loss_curves({}, tmp_path / "none.png")
 
 
 def test_plot_loss_curves_draws_a_method_without_losses(tmp_path: Path) -> None:
     out = plots.plot_loss_curves({"dino": {}}, tmp_path / "loss.png")
-    assert_picture(out)
+    pixels = assert_picture(out)
+    # No curve anywhere; the method's panel (right half) says so in its middle.
+    assert count_colour(pixels, LINE_COLOURS[0]) == 0
+    height, width = pixels.shape[:2]
+    middle = pixels[height * 2 // 5 : height * 3 // 5, width * 5 // 8 : width * 7 // 8]
+    assert (middle.max(axis=-1) < 100).sum() > 20  # dark text pixels
+    drawn = plots.plot_loss_curves({"dino": {"loss": ([1, 2], [2.0, 1.0])}}, tmp_path / "d.png")
+    drawn_pixels = assert_picture(drawn)
+    assert count_colour(drawn_pixels, LINE_COLOURS[0]) > 20
+    middle = drawn_pixels[height * 2 // 5 : height * 3 // 5, width * 5 // 8 : width * 7 // 8]
+    assert (middle.max(axis=-1) < 100).sum() == 0  # the check above can fail
 
 
 def test_input_size_rounds_to_patches() -> None:
@@ -151,6 +178,37 @@ def test_attention_figure_layout(work_dir: Path) -> None:
     columns = 2 + 3 * 3  # image, mask, 3 models x 3 heads
     assert figure.shape == (2 * 32 + gap, columns * 32 + (columns - 1) * gap, 3)
     assert figure.dtype == np.uint8
+
+    def tile(row: int, column: int) -> np.ndarray:
+        top, left = row * (32 + gap), column * (32 + gap)
+        return figure[top : top + 32, left : left + 32]
+
+    voc = work_dir / plots.VOC_SUBDIR
+    for row, image_id in enumerate(["000003", "000005"]):
+        with Image.open(voc / "JPEGImages" / f"{image_id}.jpg") as image:
+            rgb = np.asarray(image.convert("RGB"))
+        with Image.open(voc / "SegmentationClass" / f"{image_id}.png") as mask:
+            mask_rgb = np.asarray(mask.convert("RGB"))
+        # Above the caption (bottom-left), the first tiles are the image and its mask.
+        np.testing.assert_array_equal(tile(row, 0)[:8], rgb[:8])
+        np.testing.assert_array_equal(tile(row, 1)[:8], mask_rgb[:8])
+        # Each model (its own random weights) shows its own maps over the same image.
+        models = [tile(row, 2 + 3 * m)[:8] for m in range(3)]
+        assert not np.array_equal(models[0], models[1]) and not np.array_equal(models[1], models[2])
+
+
+def test_attention_row_puts_the_heat_where_the_attention_is() -> None:
+    image = np.full((64, 64, 3), 128, dtype=np.uint8)
+    heads = np.full((2, 4, 4), 0.01)
+    heads[0, 1, 2] = 1.0  # head 0 looks at patch (row 1, column 2), head 1 at (0, 3)
+    heads[1, 0, 3] = 1.0
+    tiles = plots.attention_row(image, None, "id", {"model": heads})
+    assert len(tiles) == 1 + 2 and all(t.shape == (64, 64, 3) for t in tiles)
+    for tile, peak in zip(tiles[1:], [(1, 2), (0, 3)], strict=True):
+        # Mean brightness of each 16 x 16 patch; the caption only covers the bottom rows.
+        brightness = tile[:32].astype(float).sum(-1).reshape(2, 16, 4, 16).mean(axis=(1, 3))
+        assert np.unravel_index(brightness.argmax(), brightness.shape) == peak
+        assert brightness.max() > 2 * np.sort(brightness, axis=None)[-2]
 
 
 def test_copy_seg_grids_and_missing_grid(work_dir: Path, tmp_path: Path) -> None:

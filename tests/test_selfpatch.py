@@ -13,8 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cli_runs import assert_export_evaluates, logged, mean, run, small_run_config
+from tiny import TINY_SELFPATCH
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.losses import PatchLoss
 from densedino.methods import SelfPatch
 from densedino.methods.base import StepState
@@ -23,16 +26,6 @@ from densedino.methods.selfpatch import (
     backbone_views,
     neighbour_index,
     select_neighbours,
-)
-
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=8,
-    out_dim=64,
-    patch_out_dim=32,
-    head=dict(hidden_dim=32, bottleneck_dim=16),
-    drop_path_rate=0.0,
-    backbone=dict(img_size=32, depth=2),
 )
 
 
@@ -174,7 +167,7 @@ def loop_aggregate(agg: PatchAggregator, tokens: torch.Tensor, k: int) -> torch.
 
 def test_aggregate_equals_a_per_patch_loop() -> None:
     torch.manual_seed(0)
-    method = SelfPatch(**SMALL).eval()
+    method = SelfPatch(**TINY_SELFPATCH).eval()
     patch = torch.randn(2, 4, 4, method.student.backbone.embed_dim)
     with torch.no_grad():
         got = method.aggregate_neighbours(method.teacher, patch)
@@ -197,7 +190,7 @@ def test_aggregate_ignores_masked_and_unchosen_tokens() -> None:
         torch.testing.assert_close(agg(changed, None, valid), out)
         torch.testing.assert_close(agg(tokens[:, :2]), out, atol=1e-6, rtol=1e-6)
         # A patch that is neither chosen nor the centre does not move the aggregate.
-        method = SelfPatch(**SMALL).eval()
+        method = SelfPatch(**TINY_SELFPATCH).eval()
         patch = grid_tokens(ANGLES, NORMS).repeat(1, 1, 96).reshape(1, 3, 3, 192)
         base = method.aggregate_neighbours(method.teacher, patch)[0, 4]
         moved = patch.clone()
@@ -237,7 +230,7 @@ def test_patch_loss_by_hand() -> None:
 # ---------------------------------------------------------------------------------- method
 def test_losses_are_wired_as_selfpatch(batch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    method = SelfPatch(**SMALL)
+    method = SelfPatch(**TINY_SELFPATCH)
     aggregated_by = []
     original = SelfPatch.aggregate_neighbours
 
@@ -255,7 +248,7 @@ def test_losses_are_wired_as_selfpatch(batch: dict, monkeypatch: pytest.MonkeyPa
 
     # The patch loss, rebuilt: student patch p of view v against the teacher's aggregate of
     # patch p of the same view v (centers were 0 before the step).
-    fresh = PatchLoss(SMALL["patch_out_dim"], 0.1)
+    fresh = PatchLoss(TINY_SELFPATCH["patch_out_dim"], 0.1)
     with torch.no_grad():
         t_feats = backbone_views(method.teacher.backbone, batch["views"])
         s_feats = backbone_views(method.student.backbone, batch["views"])
@@ -280,7 +273,7 @@ def test_image_token_starts_from_cls_or_the_query_alone(batch: dict) -> None:
     torch.manual_seed(0)
     with torch.no_grad():
         for image_token, depends in (("cls", True), ("query", False)):
-            method = SelfPatch(**SMALL, image_token=image_token)
+            method = SelfPatch(**TINY_SELFPATCH, image_token=image_token)
             feats = backbone_views(method.student.backbone, batch["views"][:1])
             other = [{"cls": f["cls"] + 1.0, "patch": f["patch"]} for f in feats]
             same = torch.allclose(
@@ -289,7 +282,7 @@ def test_image_token_starts_from_cls_or_the_query_alone(batch: dict) -> None:
             )
             assert same != depends, image_token
     with pytest.raises(ValueError, match="image_token"):
-        SelfPatch(**SMALL, image_token="mean")  # type: ignore[arg-type]
+        SelfPatch(**TINY_SELFPATCH, image_token="mean")  # type: ignore[arg-type]
 
 
 def test_backward_reaches_both_heads_and_epoch_zero_freezes_their_last_layers(
@@ -300,7 +293,7 @@ def test_backward_reaches_both_heads_and_epoch_zero_freezes_their_last_layers(
     from densedino.train.model import SSLModel
     from densedino.train.optim import dino_param_groups
 
-    model = SSLModel(method=dict(type="SelfPatch", **SMALL), freeze_last_layer=1)
+    model = SSLModel(method=dict(type="SelfPatch", **TINY_SELFPATCH), freeze_last_layer=1)
     student = model.method.student
     wrapper = OptimWrapper(torch.optim.AdamW(dino_param_groups(student), lr=1e-2))
     heads = [student.head, student.patch_head]

@@ -9,23 +9,18 @@ import pytest
 import torch
 from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
+from tiny import TINY_DINO, TINY_SELFPATCH
 from torch import nn
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
 from densedino.methods.dino import DINO
 from densedino.train.hooks import DeferredRuntimeInfoHook
 from densedino.train.model import SSLModel, clip_gradients
 from densedino.train.optim import dino_param_groups
 
-SMALL = dict(
-    arch="vit_tiny",
-    patch_size=8,
-    out_dim=64,
-    head=dict(hidden_dim=32, bottleneck_dim=16),
-    drop_path_rate=0.0,
-    backbone=dict(img_size=32, depth=2),
-)
 VIEWS = ViewConfig(num_global=2, global_size=32, num_points=2, photometric=False)
 
 
@@ -72,7 +67,7 @@ def test_foreach_clipping_equals_dinos_per_parameter_loop() -> None:
 
 
 def test_foreach_ema_equals_the_per_parameter_loop() -> None:
-    method = DINO(**SMALL)
+    method = DINO(**TINY_DINO)
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(torch.randn_like(p))
@@ -89,7 +84,7 @@ def test_foreach_ema_equals_the_per_parameter_loop() -> None:
 
 
 def test_a_non_finite_loss_raises_and_updates_nothing(batch: dict) -> None:
-    model = SSLModel(method=dict(type="DINO", **SMALL))
+    model = SSLModel(method=dict(type="DINO", **TINY_DINO))
     wrapper = OptimWrapper(torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2))
     model.state = StepState(epoch=1, iteration=7)
     bad = dict(batch)
@@ -105,7 +100,7 @@ def test_a_non_finite_loss_raises_and_updates_nothing(batch: dict) -> None:
         assert torch.equal(value, teacher[name]), name
     # The same step on finite views trains (a fresh model: the forward pass above already
     # folded the NaN teacher outputs into the centers, and a run stops at the error).
-    model = SSLModel(method=dict(type="DINO", **SMALL))
+    model = SSLModel(method=dict(type="DINO", **TINY_DINO))
     wrapper = OptimWrapper(torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2))
     student = {k: v.clone() for k, v in model.method.student.state_dict().items()}
     outputs = model.train_step(dict(batch), wrapper)
@@ -146,9 +141,9 @@ def test_deferred_runtime_info_hands_every_value_over_at_log_intervals(monkeypat
 
 
 METHOD_CONFIGS = {
-    "DINO": dict(SMALL, num_teacher=2),
-    "DenseDINO": dict(SMALL),
-    "SelfPatch": dict(SMALL, patch_out_dim=32),
+    "DINO": dict(TINY_DINO, num_teacher=2),
+    "DenseDINO": dict(TINY_DINO),
+    "SelfPatch": dict(TINY_SELFPATCH),
     "DenseCL": dict(
         arch="vit_tiny",
         patch_size=8,

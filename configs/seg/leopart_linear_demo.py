@@ -13,20 +13,14 @@ model = dict(
     data_preprocessor=dict(size=crop_size),
     decode_head=dict(in_channels=192, num_classes=11, train_size=train_size),
 )
+# Leopart's pipelines at this crop size: the base file's steps with new sizes (`_base_.NAME`
+# reads a variable of the base file, mmengine's Python-config syntax).
 train_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations"),
-    dict(type="PairedRandomResizedCrop", size=crop_size, scale=(0.8, 1.0)),
-    dict(type="RandomFlip", prob=0.5),
-    dict(type="PackSegInputs"),
+    dict(step, size=crop_size) if step.type == "PairedRandomResizedCrop" else step
+    for step in _base_.train_pipeline
 ]
 test_pipeline = [
-    dict(type="LoadImageFromFile"),
-    dict(type="LoadAnnotations"),
-    # Pillow, as Leopart's torchvision resize of PIL images (image bilinear, labels nearest).
-    dict(type="Resize", scale=crop_size, keep_ratio=False, backend="pillow"),
-    dict(type="ScoreAtInputSize"),
-    dict(type="PackSegInputs"),
+    dict(step, scale=crop_size) if step.type == "Resize" else step for step in _base_.test_pipeline
 ]
 train_dataloader = dict(
     batch_size=16,

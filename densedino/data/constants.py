@@ -1,7 +1,8 @@
 """Constants shared by training, evaluation and serving: ImageNet statistics, the VOC colours.
 
 One home for numbers that several stages must agree on; the transforms that use them live in
-:mod:`densedino.data.eval_transform` (inference) and :mod:`densedino.data.views` (training).
+:mod:`densedino.data.eval_transform` (inference) and :mod:`densedino.data.view_config`
+(training views).
 """
 
 from __future__ import annotations

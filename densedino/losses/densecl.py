@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densedino.losses.dino import check_temperature
+from densedino.checks import check_temperature
 
 __all__ = ["KeyQueue", "concat_all_gather", "dense_correspondence", "info_nce"]
 
@@ -29,7 +29,7 @@ def info_nce(query: Tensor, positive: Tensor, negatives: Tensor, temperature: fl
         negatives: [K, C], shared by every row (the queue; a detached copy is used).
         temperature: T (DenseCL: 0.2).
     """
-    check_temperature("info_nce: temperature", temperature)
+    check_temperature(temperature, "info_nce: temperature")
     if query.ndim != 2 or query.shape != positive.shape:
         raise ValueError(
             f"info_nce: query and positive must both be [M, C], got {tuple(query.shape)} and "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from densedino.checks import check_temperature
 from densedino.losses.centering import Center
 
 __all__ = [
@@ -23,12 +24,6 @@ __all__ = [
     "soft_cross_entropy",
     "teacher_probs",
 ]
-
-
-def check_temperature(name: str, value: float) -> None:
-    """Raise ValueError unless `value` is a finite positive temperature."""
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
@@ -62,7 +57,7 @@ class CenteredLoss(nn.Module):
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
-        check_temperature(f"{type(self).__name__}: student_temp", student_temp)
+        check_temperature(student_temp, f"{type(self).__name__}: student_temp")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.centering = Center(out_dim, center_momentum)
@@ -104,7 +99,7 @@ class DINOLoss(CenteredLoss):
         Returns:
             Scalar loss.
         """
-        check_temperature("DINOLoss: teacher_temp", teacher_temp)
+        check_temperature(teacher_temp, "DINOLoss: teacher_temp")
         student = self._stack_student(student_out)
         self._check_teacher(teacher_out, student)
         num_teacher, num_student = teacher_out.shape[0], student.shape[0]

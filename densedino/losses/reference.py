@@ -11,12 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from densedino.losses.dino import (
-    CenteredLoss,
-    check_temperature,
-    soft_cross_entropy,
-    teacher_probs,
-)
+from densedino.checks import check_temperature
+from densedino.losses.dino import CenteredLoss, soft_cross_entropy, teacher_probs
 
 __all__ = ["ReferenceLoss", "combine"]
 
@@ -51,7 +47,7 @@ class ReferenceLoss(CenteredLoss):
             token are left out of the mean; if no token is valid the loss is 0 (still attached
             to the graph so backward works on every rank).
         """
-        check_temperature("ReferenceLoss: teacher_temp", teacher_temp)
+        check_temperature(teacher_temp, "ReferenceLoss: teacher_temp")
         self._check_shapes(student_ref, teacher_ref, valid)
         return self.from_probs(
             student_ref, teacher_probs(teacher_ref, self.center, teacher_temp), valid

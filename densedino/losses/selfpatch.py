@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from densedino.losses.dino import CenteredLoss, check_temperature, teacher_probs
+from densedino.checks import check_temperature
+from densedino.losses.dino import CenteredLoss, teacher_probs
 
 __all__ = ["PatchLoss"]
 
@@ -48,7 +49,7 @@ class PatchLoss(CenteredLoss):
         Returns:
             Scalar loss.
         """
-        check_temperature("PatchLoss: teacher_temp", teacher_temp)
+        check_temperature(teacher_temp, "PatchLoss: teacher_temp")
         self._check(student_patch, teacher_patch)
         terms = []
         for s, t in zip(student_patch, teacher_patch, strict=True):

@@ -20,7 +20,9 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from densedino.data.views import MultiViewTransform, ViewConfig, collate_views
+from densedino.data.collate import collate_views
+from densedino.data.view_config import ViewConfig
+from densedino.data.views import MultiViewTransform
 
 logger = logging.getLogger(__name__)
 

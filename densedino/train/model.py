@@ -23,7 +23,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.registry import MODEL_WRAPPERS, MODELS
 from torch import Tensor, nn
 
-from densedino.data.views import normalize_views
+from densedino.data.collate import normalize_views
 from densedino.methods import METHODS
 from densedino.methods.base import SSLMethod, StepState
 from densedino.train.init_from import init_from_checkpoint, parse_init_from

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from densedino.data.crops import sample_crop_boxes
 from densedino.data.eval_transform import image_to_tensor
-from densedino.data.views import sample_crop_boxes
 
 IGNORE_INDEX = 255
 
@@ -108,7 +108,7 @@ def random_crop(
     generator: torch.Generator,
     flip: bool = True,
 ) -> Crop:
-    """A RandomResizedCrop box (densedino.data.views' sampler) and a coin-flip mirror."""
+    """A RandomResizedCrop box (densedino.data.crops' sampler) and a coin-flip mirror."""
     box = sample_crop_boxes(1, height, width, scale, (3 / 4, 4 / 3), generator)[0].tolist()
     mirrored = flip and bool(torch.rand((), generator=generator) < 0.5)
     return Crop((box[0], box[1], box[2], box[3]), mirrored, size)
