@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densedino.models.heads import DINOHead, cancel_last_layer_gradients
+from densedino.models.heads import DINOHead, WeightNormLinear, cancel_last_layer_gradients
 
 DINO_KEYS = {
     "mlp.0.weight",
@@ -151,3 +151,30 @@ def test_errors() -> None:
         small_head(nlayers=0)
     with pytest.raises(ValueError, match="out_dim"):
         small_head(out_dim=0)
+
+
+@pytest.mark.parametrize("train_g", [False, True])
+def test_weight_norm_linear_matches_materialised_weight(train_g: bool) -> None:
+    """The output scaling equals DINO's formulation, x @ (g * v / ||v||).T, in the outputs and
+    in the gradients of x, v and g."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(8, 12)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    layer.weight_g.requires_grad_(train_g)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    target = torch.randn(3, 5, 12)
+    v = layer.weight_v.detach().clone().requires_grad_(True)
+    g = layer.weight_g.detach().clone().requires_grad_(train_g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = x_ref @ (g * v / v.norm(dim=1, keepdim=True)).T
+    out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    (out * target).sum().backward()
+    (expected * target).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight_v.grad, v.grad, rtol=1e-6, atol=1e-6)
+    if train_g:
+        torch.testing.assert_close(layer.weight_g.grad, g.grad, rtol=1e-6, atol=1e-6)
+    else:
+        assert layer.weight_g.grad is None

@@ -45,8 +45,15 @@ class WeightNormLinear(nn.Module):
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Map [..., in_features] to [..., out_features]."""
-        return F.linear(x, self.weight)
+        """Map [..., in_features] to [..., out_features].
+
+        Equal to ``F.linear(x, self.weight)``, computed as ``F.linear(x, v) * (g / ||v||)``:
+        the effective weight (65536 x 256 in DINO's head) is never materialised, which saves
+        two passes over it and its allocation in every forward and backward, while the scaled
+        output has only one row per token.
+        """
+        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
+        return F.linear(x, self.weight_v) * scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
