@@ -57,6 +57,7 @@ from densedino.data.collate import collate_views, normalize_views
 from densedino.data.view_config import ViewConfig
 from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
+from densedino.train.allocator import keep_freed_memory
 from densedino.train.model import SSLModel
 from densedino.train.optim import dino_param_groups
 
@@ -222,6 +223,7 @@ def memory(name: str, args) -> dict:
         command = [sys.executable, __file__, "--memory-child", method, "--setting", name]
         command += ["--device", args.device, "--amp", amp_modes(args)[0]]
         command += ["--batch", str(args.batch), "--dino-pairs", args.dino_pairs]
+        command += ["--malloc", args.malloc]
         if args.threads:
             command += ["--threads", str(args.threads)]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -240,7 +242,7 @@ def print_table(result: dict, args) -> None:
         f"\n{result['setting']}: batch {args.batch}, views {result['view_sizes']} "
         f"({result['teacher_views']} teacher), {result['points_per_pair']} points per pair, "
         f"DINO cls_pairs={result['dino_cls_pairs']}, "
-        f"device {args.device}, {torch.get_num_threads()} threads, "
+        f"device {args.device}, {torch.get_num_threads()} threads, malloc {args.malloc}, "
         f"median of {args.steps} alternating steps"
     )
     memory = result.get("memory", {})
@@ -297,6 +299,12 @@ def main() -> None:
         default="same",
         help="DINO's CLS pairs: same as DenseDINO's, or all (teacher, other view) pairs",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "release"],
+        default="keep",
+        help="glibc's handling of freed memory, as `densedino-train --malloc` (default keep)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
@@ -305,6 +313,8 @@ def main() -> None:
         parser.error("--steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
     args.memory_amp = amp_modes(args)[0]
     if args.memory_child:
         print(json.dumps(memory_child(args.setting, args.memory_child, args)))
@@ -319,6 +329,7 @@ def main() -> None:
         results.append(result)
     if args.json:
         meta = {"device": args.device, "amp": args.amp, "threads": torch.get_num_threads()}
+        meta["malloc"] = args.malloc
         args.json.write_text(json.dumps({**meta, "results": results}, indent=2))
 
 

@@ -65,6 +65,14 @@ def train_parser() -> argparse.ArgumentParser:
         choices=["bf16", "fp16"],
         help="mixed precision on GPU (default bf16); ignored with a warning on CPU",
     )
+    parser.add_argument(
+        "--malloc",
+        choices=["keep", "release"],
+        default="keep",
+        help="glibc: 'keep' (default) reuses freed memory instead of returning it to the kernel "
+        "after every large tensor, which saves page faults in every step (about 20%% of a "
+        "DenseDINO step on CPU); 'release' is glibc's default behaviour",
+    )
     return parser
 
 
@@ -137,8 +145,11 @@ def run_training(args: argparse.Namespace) -> int:
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
     from densedino.dist import init_cpu_process_group
+    from densedino.train.allocator import keep_freed_memory
 
     cfg = build_config(args)
+    if args.malloc == "keep":
+        keep_freed_memory()
     init_cpu_process_group(cfg.launcher)
     Runner.from_cfg(cfg).train()
     return 0
