@@ -63,6 +63,7 @@ from densedino.methods.base import StepState
 from densedino.methods.densedino import DenseDINO
 from densedino.methods.dino import DINO
 from densedino.models.vit import build_backbone
+from densedino.train.allocator import keep_freed_memory
 
 MASK_MODE = "all2pos_pos2cls_eye"  # the authors' README recipe: our reference mask
 TEACHER_TEMP = 0.04
@@ -576,6 +577,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "malloc": args.malloc,
         # our position interpolation at a non-native grid (the option exists since a24d05a)
         "pos_interp_default": getattr(
             build_backbone("vit_tiny", depth=1), "pos_interp", "timm (no option)"
@@ -654,6 +656,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
+        "--malloc",
+        choices=["keep", "release"],
+        default="keep",
+        help="glibc's handling of freed memory for both steps, as `densedino-train --malloc`",
+    )
+    parser.add_argument(
         "--tol",
         type=float,
         default=1e-4,
@@ -668,6 +676,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        keep_freed_memory()
     authors = load_authors(args.authors_repo)
     dino_vits = load_dino(args.dino_repo) if args.dino_repo is not None else None
     result: dict[str, Any] = {"environment": environment(args), "tol": args.tol}
@@ -675,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         f"densedino {result['environment']['densedino_commit']} (pos_interp "
         f"{result['environment']['pos_interp_default']}), torch {torch.__version__}, "
         f"timm {timm.__version__}, {args.arch}/{args.patch_size}, out_dim {args.out_dim}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, malloc {args.malloc}"
     )
 
     if "backbone" in args.parts:
