@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from densedino.checks import check_temperature
 from densedino.losses import Center, DINOLoss, ReferenceLoss, combine
+from densedino.losses.dino import soft_cross_entropy
 
 C = 4
 TEACHER_TEMP = 0.04
@@ -334,3 +335,36 @@ def test_check_temperature_names_the_argument(bad: float) -> None:
         check_temperature(bad)
     value = check_temperature(np.float32(0.5))
     assert type(value) is float and value == 0.5
+
+
+@pytest.mark.parametrize("mass", [1.0, 0.6])
+def test_soft_cross_entropy_own_backward_matches_autograd(mass: float) -> None:
+    """The fused cross-entropy equals -sum(p * log_softmax(s / tau)) with autograd's gradient,
+    also for probabilities that do not sum to 1."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 3, 4, 50)).requires_grad_(True)
+    probs = torch.softmax(torch.randn(2, 3, 4, 50) / 0.3, dim=-1) * mass
+    weights = torch.rand(2, 3, 4)
+    plain = logits.detach().clone().requires_grad_(True)
+    expected = -(probs * torch.log_softmax(plain / 0.1, dim=-1)).sum(-1)
+    ce = soft_cross_entropy(logits, probs, 0.1)
+    torch.testing.assert_close(ce, expected, rtol=1e-5, atol=1e-5)
+    (ce * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(logits.grad, plain.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_soft_cross_entropy_grad_through_probs_and_bf16() -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 20, requires_grad=True)
+    student = torch.randn(3, 20, requires_grad=True)
+    soft_cross_entropy(student, torch.softmax(teacher, -1), 0.1).sum().backward()
+    assert teacher.grad is not None and teacher.grad.abs().sum() > 0
+    half = torch.randn(3, 20, dtype=torch.bfloat16, requires_grad=True)
+    probs = torch.softmax(torch.randn(3, 20), -1)
+    ce = soft_cross_entropy(half, probs, 0.1)
+    assert ce.dtype == torch.float32
+    ce.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    expected = -(probs * torch.log_softmax(half.float() / 0.1, -1)).sum(-1)
+    torch.testing.assert_close(ce, expected, rtol=1e-5, atol=1e-5)

@@ -32,9 +32,40 @@ def teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> T
 
 
 def soft_cross_entropy(student_logits: Tensor, probs: Tensor, student_temp: float) -> Tensor:
-    """``-sum_c probs * log_softmax(student / tau_s)`` over the last dim, in float32."""
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -torch.sum(probs * log_p, dim=-1)
+    """``-sum_c probs * log_softmax(student / tau_s)`` over the last dim, in float32.
+
+    Computed as ``logsumexp(z) * sum(probs) - <probs, z>`` with ``z = student / tau_s`` and a
+    backward of its own, ``softmax(z) * sum(probs) - probs`` (times the incoming gradient over
+    tau_s), recomputed from the logits: autograd would keep the [..., C] log-probabilities and
+    two more tensors of that size, which for DenseDINO's reference tokens (C = 65536) made a
+    good part of the step's memory above DINO's. Teacher probabilities that require a gradient
+    take the plain formula.
+    """
+    if probs.requires_grad:
+        log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+        return -torch.sum(probs * log_p, dim=-1)
+    return _SoftCrossEntropy.apply(student_logits, probs, student_temp)
+
+
+class _SoftCrossEntropy(torch.autograd.Function):
+    """The cross-entropy of :func:`soft_cross_entropy` with nothing of size C saved but its
+    inputs (teacher probabilities are constants here)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, probs: Tensor, temp: float) -> Tensor:
+        z = logits.float() / temp
+        lse = torch.logsumexp(z, dim=-1)
+        mass = probs.sum(-1)
+        ctx.save_for_backward(logits, probs, lse, mass)
+        ctx.temp = temp
+        return lse * mass - torch.linalg.vecdot(probs, z)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, probs, lse, mass = ctx.saved_tensors
+        soft = (logits.float() / ctx.temp).sub_(lse.unsqueeze(-1)).exp_()
+        soft.mul_(mass.unsqueeze(-1)).sub_(probs).mul_((grad / ctx.temp).unsqueeze(-1))
+        return soft.to(logits.dtype), None, None
 
 
 def normalised_entropy(probs: Tensor) -> Tensor:
