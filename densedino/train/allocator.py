@@ -4,8 +4,9 @@ glibc serves every allocation above its mmap threshold (32 MiB at most) with fre
 unmaps them on free, so each large tensor of a training step is paid for again in page faults at
 every step. DINO's 65536-prototype heads make many: their weights are 64 MiB and the reference
 logits of a batch about 50 MiB. On the 2-core development machine a [65536, 256] division took
-46 ms into a new tensor and 6 ms into an existing one, and one DenseDINO step spent about 20 % of
-its CPU time so (benchmarks/bench_train_step.py, docs/benchmarks.md). PyTorch's CPU allocator
+46 ms into a new tensor and 6 ms into an existing one; keeping freed memory made a DenseDINO
+step of the paper setting 17 % cheaper (7 % once its heads stopped materialising their weights;
+benchmarks/bench_train_step.py, docs/benchmarks.md). PyTorch's CPU allocator
 has no cache of its own; its performance guide recommends preloading jemalloc or tcmalloc for
 this. Switching glibc's mmap and trimming off gets the same reuse with nothing to install.
 """
@@ -29,8 +30,9 @@ TRIM_THRESHOLD = 2**31 - 1  # the largest value mallopt takes: free memory stays
 def keep_freed_memory() -> bool:
     """Serve large allocations from the heap and never trim it, so freed blocks are reused.
 
-    Forked data-loader workers inherit the setting. The process's peak memory is what it was;
-    its memory is not returned to the system until it exits. Returns False (and changes
+    Forked data-loader workers inherit the setting. The heap is never trimmed, so memory goes
+    back to the system only when the process exits, and fragmentation can raise the peak a
+    little (2-6 % above the model in bench_train_step). Returns False (and changes
     nothing) where the C library is not glibc.
     """
     if platform.system() != "Linux":
