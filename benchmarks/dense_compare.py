@@ -20,13 +20,12 @@ seeds and the paired differences).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from replicate import call, format_mean_std, read_json, write_json
+from replicate import call, format_mean_std, git_commit, read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     stored after every evaluation."""
     store = args.work_dir / "dense_compare.json"
     results = read_json(store) or {}
-    results["commit"] = commit()
+    results["commit"] = git_commit()
     for seed in args.seeds:
         for appearance in args.appearances:
             data = make_data(args.work_dir, appearance, args.num_images)
@@ -196,11 +195,6 @@ def table(by_model: dict[str, dict[str, dict]]) -> str:
     position = sorted({f["corr_pck@0.1_position_only"] for f in runs})
     lines.append("\nposition-only matcher PCK@0.1: " + ", ".join(f"{p:.2f}" for p in position))
     return "\n".join(lines)
-
-
-def commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True)
-    return out.stdout.decode().strip()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
