@@ -53,11 +53,11 @@ import torch
 from mmengine.optim import OptimWrapper
 from torch.utils.flop_counter import FlopCounterMode
 
+from densedino.allocator import add_malloc_argument, set_malloc
 from densedino.data.collate import collate_views, normalize_views
 from densedino.data.view_config import ViewConfig
 from densedino.data.views import MultiViewTransform
 from densedino.methods.base import StepState
-from densedino.train.allocator import keep_freed_memory
 from densedino.train.model import SSLModel
 from densedino.train.optim import dino_param_groups
 
@@ -299,12 +299,7 @@ def main() -> None:
         default="same",
         help="DINO's CLS pairs: same as DenseDINO's, or all (teacher, other view) pairs",
     )
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "release"],
-        default="keep",
-        help="glibc's handling of freed memory, as `densedino-train --malloc` (default keep)",
-    )
+    add_malloc_argument(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory processes")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
@@ -313,8 +308,7 @@ def main() -> None:
         parser.error("--steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()
+    set_malloc(args.malloc)
     args.memory_amp = amp_modes(args)[0]
     if args.memory_child:
         print(json.dumps(memory_child(args.setting, args.memory_child, args)))

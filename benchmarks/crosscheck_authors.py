@@ -56,6 +56,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from densedino.allocator import add_malloc_argument, set_malloc
 from densedino.data.collate import collate_views
 from densedino.data.view_config import ViewConfig
 from densedino.data.views import MultiViewTransform
@@ -63,7 +64,6 @@ from densedino.methods.base import StepState
 from densedino.methods.densedino import DenseDINO
 from densedino.methods.dino import DINO
 from densedino.models.vit import build_backbone
-from densedino.train.allocator import keep_freed_memory
 
 MASK_MODE = "all2pos_pos2cls_eye"  # the authors' README recipe: our reference mask
 TEACHER_TEMP = 0.04
@@ -655,12 +655,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "timed round always runs; the JSON says whether all --timing-steps ran)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "release"],
-        default="keep",
-        help="glibc's handling of freed memory for both steps, as `densedino-train --malloc`",
-    )
+    add_malloc_argument(parser)
     parser.add_argument(
         "--tol",
         type=float,
@@ -676,8 +671,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.malloc == "keep":
-        keep_freed_memory()
+    set_malloc(args.malloc)
     authors = load_authors(args.authors_repo)
     dino_vits = load_dino(args.dino_repo) if args.dino_repo is not None else None
     result: dict[str, Any] = {"environment": environment(args), "tol": args.tol}

@@ -1,4 +1,4 @@
-"""densedino.train.allocator: with glibc keeping freed memory, a large tensor allocated again
+"""densedino.allocator: with glibc keeping freed memory, a large tensor allocated again
 reuses pages instead of faulting them in anew."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
-from densedino.train.allocator import keep_freed_memory
+from densedino.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 for _ in range(2):  # 64 MiB twice: the heap reaches its steady state (aligned blocks)
     torch.ones(16 * 2**20)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from densedino.allocator import add_malloc_argument, set_malloc
 from densedino.dist import finishes_process_group
 
 EPILOG = """examples:
@@ -65,14 +66,7 @@ def train_parser() -> argparse.ArgumentParser:
         choices=["bf16", "fp16"],
         help="mixed precision on GPU (default bf16); ignored with a warning on CPU",
     )
-    parser.add_argument(
-        "--malloc",
-        choices=["keep", "release"],
-        default="keep",
-        help="glibc: 'keep' (default) reuses freed memory instead of returning it to the kernel "
-        "after every large tensor, which saves page faults in every step (7-17%% of a DenseDINO "
-        "step on CPU here); 'release' is glibc's default behaviour",
-    )
+    add_malloc_argument(parser)
     return parser
 
 
@@ -145,11 +139,9 @@ def run_training(args: argparse.Namespace) -> int:
 
     import densedino.train  # noqa: F401  (registers the project's mmengine modules)
     from densedino.dist import init_cpu_process_group
-    from densedino.train.allocator import keep_freed_memory
 
     cfg = build_config(args)
-    if args.malloc == "keep":
-        keep_freed_memory()
+    set_malloc(args.malloc)
     init_cpu_process_group(cfg.launcher)
     Runner.from_cfg(cfg).train()
     return 0
