@@ -17,7 +17,7 @@ from densedino.evaluation.cli import build_parser
 from densedino.models.vit import VisionTransformer
 from densedino.weights import save_backbone
 
-SUBCOMMANDS = ("knn", "hbird", "cluster", "corr")
+SUBCOMMANDS = ("knn", "seg", "hbird", "cluster", "corr")
 
 
 @pytest.fixture(scope="module")
