@@ -16,22 +16,22 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from densedino.checks import check_temperature
-from densedino.cli.model_args import add_model_arguments, resolve_device
+from densedino.cli.model_args import resolve_device
 from densedino.dist import finishes_process_group
+from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
 from densedino.evaluation.features import (
     DINO_CROP,
     DINO_RESIZE,
     DistContext,
     FeatureSet,
     extract_features,
-    file_fingerprint,
     resize_for_crop,
     scan_image_folder,
 )
@@ -165,7 +165,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `knn` to `parser`, one group per concern."""
-    add_model_arguments(parser)
+    add_backbone_arguments(parser)
     _add_data_arguments(parser)
     _add_vote_arguments(parser)
     _add_index_arguments(parser)
@@ -178,9 +178,11 @@ def add_knn_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "knn",
         help="weighted k-NN classification (DINO protocol) with FAISS",
-        description="Frozen-backbone weighted k-NN: L2-normalised CLS features, DINO's "
-        "exp(sim/T) vote, top-1/top-5 for every k. Features are cached beside the results; "
-        "under torchrun the extraction is sharded across ranks.",
+        description="Frozen-backbone weighted k-NN: L2-normalised CLS features (after the final "
+        "norm; a --timm ViT gives its pre-logits, which are the CLS token for class-token "
+        "ViTs), DINO's exp(sim/T) vote, top-1/top-5 for every k. Features are cached beside the "
+        "results, keyed by the weights' hash; under torchrun the extraction is sharded across "
+        "ranks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
@@ -230,11 +232,16 @@ def _device(choice: str | None) -> torch.device:
     return torch.device(resolve_device(choice))
 
 
-def _model_factory(args: argparse.Namespace) -> Any:
+def _model_factory(source: BackboneSpec, crop: int) -> Callable[[], torch.nn.Module]:
     def load() -> torch.nn.Module:
-        from densedino.weights import load_backbone
-
-        return load_backbone(args.checkpoint, arch=args.arch, which=args.which)
+        backbone = source.load()
+        if crop % backbone.patch_size:
+            raise ValueError(
+                f"--crop {crop} is not a multiple of the model's patch size {backbone.patch_size}"
+            )
+        # Its forward is the feature: our ViT's CLS token, a timm ViT's pre-logits (the CLS
+        # token after the final norm for class-token ViTs; see evaluation/backbone.py).
+        return backbone.model
 
     return load
 
@@ -262,16 +269,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     """Run the k-NN evaluation; the results dict on rank 0, None on other ranks."""
     start = time.perf_counter()
     spec, resize = _check_args(args)
+    source = BackboneSpec.from_args(args)
+    model_id = source.model_id()  # the weights' hash: keys the feature cache
     dist = _init_distributed()
     progress = not args.quiet and dist.rank == 0
     train_list = scan_image_folder(args.data / args.train_split)
     val_list = scan_image_folder(args.data / args.val_split, classes=train_list.classes)
     ks = check_k(args.k, len(train_list))
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {args.checkpoint}")
-    model_id = f"{file_fingerprint(args.checkpoint)}:{args.arch}:{args.which}"
     cache_dir = args.cache_dir or args.out.parent / "knn_cache"
-    load = _model_factory(args)
+    load = _model_factory(source, args.crop)
     model: list[torch.nn.Module] = []  # loaded once, only if some split misses the cache
 
     def factory() -> torch.nn.Module:
@@ -316,9 +322,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     )
     search_seconds = time.perf_counter() - search_start
     result: dict[str, Any] = {
-        "checkpoint": str(args.checkpoint),
+        **source.describe(),
         "arch": args.arch,
-        "which": args.which,
+        "model_id": model_id,
         "data": str(args.data),
         "num_classes": len(train_list.classes),
         "train": _split_summary(train, len(train_list)),

@@ -1,6 +1,7 @@
 """`densedino-eval corr`: crop geometry round trips, PCK = 1 when features are the positions
-(and lower once they are shuffled), end to end on a coordinate image, and the CLI with a timm
-ViT (patch 14, register tokens, layer scale) loaded offline from a file."""
+(and lower once they are shuffled), end to end on a coordinate image, and every dense protocol
+with a timm ViT (patch 14, register tokens, layer scale) loaded offline from a file (the loader
+itself: test_eval_backbone.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm_vit import TIMM_NAME, random_timm_vit
 
 from densedino.data import write_demo_dataset
 from densedino.data.eval_transform import denormalize
 from densedino.evaluation.cli import main as eval_main
 from densedino.evaluation.dense import corr
-from densedino.evaluation.dense.backbone import load_dense_backbone
 from densedino.evaluation.dense.data import Crop, random_crop
 
 ANCHORS = torch.stack(
@@ -109,40 +110,6 @@ def test_coordinate_image_end_to_end() -> None:
     assert bad["features"]["all"]["pck@0.1"] < 50.0
 
 
-def random_timm_vit(path: Path) -> Path:
-    """A randomly initialised 2-block timm DINOv2-style ViT (patch 14, 4 registers, layer
-    scale) saved to a file, as a user's downloaded weights would be."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_small_patch14_reg4_dinov2", pretrained=False, depth=2, num_classes=0
-    )
-    assert model.num_prefix_tokens == 5
-    save_file(model.state_dict(), str(path))
-    return path
-
-
-def test_timm_backbone_from_a_local_file(tmp_path: Path) -> None:
-    weights = random_timm_vit(tmp_path / "dinov2_s14_reg.safetensors")
-    backbone = load_dense_backbone(timm_name="vit_small_patch14_reg4_dinov2", weights=weights)
-    assert (backbone.patch_size, backbone.depth, backbone.embed_dim) == (14, 2, 384)
-    images = torch.randn(2, 3, 56, 42)
-    feats = backbone.patch_features(images)
-    assert feats.shape == (2, 4, 3, 384)
-    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2, 4, 3))
-    # The patch tokens are timm's own (registers and CLS dropped).
-    want = F.normalize(backbone.model.forward_features(images)[:, 5:], dim=-1).reshape(2, 4, 3, -1)
-    torch.testing.assert_close(feats, want)
-    first = load_dense_backbone(timm_name="vit_small_patch14_reg4_dinov2", weights=weights, layer=0)
-    assert not torch.allclose(first.patch_features(images), feats)
-    with pytest.raises(ValueError, match="does not fit"):
-        load_dense_backbone(timm_name="vit_base_patch14_reg4_dinov2", weights=weights)
-    with pytest.raises(ValueError, match="--weights"):
-        load_dense_backbone(timm_name="vit_small_patch14_reg4_dinov2")
-
-
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corr") / "demo"
@@ -154,7 +121,7 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_protocol_runs_a_timm_vit(protocol: str, tiny_demo: Path, tmp_path: Path) -> None:
     weights = random_timm_vit(tmp_path / "w.safetensors")
     out = tmp_path / "out.json"
-    argv = [protocol, "--timm", "vit_small_patch14_reg4_dinov2", "--weights", weights]
+    argv = [protocol, "--timm", TIMM_NAME, "--weights", weights]
     argv += ["--data", tiny_demo, "--preset", "demo", "--size", "28", "--max-images", "12"]
     argv += ["--out", out, "--work-dir", tmp_path, "--quiet"]
     if protocol == "cluster":

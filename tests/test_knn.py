@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from cli_runs import ROOT, run
 from dino_knn import dino_knn_classifier
 from PIL import Image
+from timm_vit import TIMM_NAME, random_timm_vit, timm_vit
 from torch import nn
 
 from densedino.evaluation import (
     DistContext,
     IndexSpec,
     build_index,
+    eval_transform,
     exact_neighbours,
     extract_features,
     index_recall,
@@ -395,6 +397,78 @@ def test_cli_errors_are_clear(
     torch.save({"weights": [1, 2]}, bad)
     assert run_cli(*base[2:], "--checkpoint", bad) == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_with_a_timm_vit_caches_its_cls_token(tmp_path: Path) -> None:
+    """--timm NAME --weights FILE: the cached features are timm's CLS token after the final norm
+    (computed here by timm on the k-NN transform's crops), L2-normalised; the cache is keyed by
+    the name and the weights' bytes."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_folder(data / split, per_class=4)
+    weights = random_timm_vit(tmp_path / "a.safetensors")
+    out = tmp_path / "r.json"
+    common = ["--data", data, "--crop", "28", "--k", "1", "3", "--batch-size", "5"]
+    common += ["--workers", "0", "--quiet", "--out", out, "--cache-dir", tmp_path / "cache"]
+    assert run_cli("--timm", TIMM_NAME, "--weights", weights, *common) == 0
+    result = json.loads(out.read_text())
+    assert (result["timm"], result["weights"], result["checkpoint"]) == (
+        TIMM_NAME, str(weights), None,
+    )  # fmt: skip
+    assert result["model_id"].startswith(f"timm:{TIMM_NAME}:")
+    assert result["transform"]["resize"] == 32 and result["train"]["cache"] == "miss"
+    images = scan_image_folder(data / "train")
+    transform = eval_transform(32, 28)
+    crops = []
+    for name in images.files:
+        with Image.open(images.root / name) as image:
+            crops.append(transform(image.convert("RGB")))
+    with torch.no_grad():
+        want = F.normalize(timm_vit().forward_features(torch.stack(crops))[:, 0], dim=1)
+    cached = np.load(Path(result["train"]["cache_path"]) / "features.npy")
+    assert cached.shape == (12, 384)
+    np.testing.assert_allclose(cached, want.numpy(), atol=1e-5)
+
+    copy = tmp_path / "elsewhere" / "copy.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(weights.read_bytes())
+    assert run_cli("--timm", TIMM_NAME, "--weights", copy, *common) == 0
+    again = json.loads(out.read_text())
+    assert again["train"]["cache_path"] == result["train"]["cache_path"]
+    assert again["train"]["cache"] == "hit" and again["results"] == result["results"]
+    other = random_timm_vit(tmp_path / "b.safetensors", seed=1)
+    assert run_cli("--timm", TIMM_NAME, "--weights", other, *common) == 0
+    third = json.loads(out.read_text())
+    assert third["train"]["cache"] == "miss"
+    assert third["train"]["cache_path"] != result["train"]["cache_path"]
+    assert not np.allclose(np.load(Path(third["train"]["cache_path"]) / "features.npy"), cached)
+
+
+def test_cli_model_option_errors_are_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_folder(data / split, per_class=2)
+    weights = random_timm_vit(tmp_path / "w.safetensors")
+    out = tmp_path / "r.json"
+    common = ["--data", data, "--workers", "0", "--quiet", "--out", out, "--k", "1"]
+    cases = [
+        (["--timm", TIMM_NAME], "--timm needs --weights FILE"),
+        (["--weights", weights], "--weights goes with --timm NAME"),
+        ([], "no model: give --checkpoint FILE, or --timm NAME --weights FILE"),
+        (
+            ["--checkpoint", weights, "--timm", TIMM_NAME, "--weights", weights],
+            "exclude each other",
+        ),
+        (["--timm", TIMM_NAME, "--weights", tmp_path / "no.pth"], "no.pth does not exist"),
+        (["--timm", "vit_base_patch14_reg4_dinov2", "--weights", weights], "does not fit"),
+        (["--timm", TIMM_NAME, "--weights", weights, "--crop", "32"], "--crop 32 is not a mult"),
+    ]
+    for argv, message in cases:
+        assert run_cli(*argv, *common) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not out.exists()
 
 
 # "Clearly above" random init: the 30-epoch DenseDINO demo recipe gains +8.5, +11.0 and +10.5

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from densedino.cli.model_args import add_model_arguments, random_arch, resolve_device
+from densedino.evaluation.cli import build_parser as eval_parser
 from densedino.evaluation.knn_cli import add_arguments as knn_arguments
 from densedino.evaluation.seg.cli import add_arguments as seg_arguments
 from densedino.serve.cli import build_parser as serve_parser
@@ -23,11 +24,12 @@ def _parsers() -> dict[str, tuple[argparse.ArgumentParser, list[str]]]:
         "serve": (serve_parser(), ["--checkpoint", "c"]),
         "knn": (knn, ["--checkpoint", "c", "--data", "d"]),
         "seg": (seg, ["--checkpoint", "c", "--data", "d"]),
+        "hbird": (eval_parser(), ["hbird", "--checkpoint", "c", "--data", "d"]),
         "demo": (demo, []),
     }
 
 
-@pytest.mark.parametrize("command", ["serve", "knn", "seg", "demo"])
+@pytest.mark.parametrize("command", ["serve", "knn", "seg", "hbird", "demo"])
 def test_same_defaults_everywhere(command: str) -> None:
     parser, argv = _parsers()[command]
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from cli_runs import run
 from mmengine.config import Config
 from PIL import Image
+from timm_vit import EMBED_DIM, PREFIX_TOKENS, TIMM_NAME, random_timm_vit, timm_vit
 
 from densedino.data import CLASSES, PALETTE, write_demo_dataset
 from densedino.evaluation.seg import cli, probe
@@ -126,6 +127,53 @@ def test_dino_checkpoint_and_timm_state_dict(tmp_path: Path) -> None:
         tokens = ref.forward_features(images)[:, 1:]
         want = tokens.reshape(2, 4, 4, 192).permute(0, 3, 1, 2)
         torch.testing.assert_close(patch_map(tmp_path / "timm.pth"), want)
+
+
+def test_timm_vit_with_registers_gives_its_patch_map(tmp_path: Path) -> None:
+    """--timm NAME --weights FILE inside mmseg: patch 14 and D = 384 are the model's, the map is
+    timm's forward_features without CLS and registers on the h x w grid, and a head trains on
+    it (the tokens are no inference tensors)."""
+    from mmseg.registry import MODELS
+
+    weights = random_timm_vit(tmp_path / "dinov2_s14_reg.safetensors")
+    backbone = MODELS.build(dict(type="FrozenViTBackbone", timm=TIMM_NAME, weights=str(weights)))
+    backbone.train()
+    assert (backbone.patch_size, backbone.embed_dim) == (14, EMBED_DIM)
+    assert not backbone.vit.training and not any(p.requires_grad for p in backbone.parameters())
+    images = torch.randn(2, 3, 56, 42)
+    (features,) = backbone(images)
+    assert features.shape == (2, EMBED_DIM, 4, 3) and not features.requires_grad
+    with torch.no_grad():
+        tokens = timm_vit().forward_features(images)  # timm alone: [CLS, 4 registers, patches]
+    want = tokens[:, PREFIX_TOKENS:].reshape(2, 4, 3, EMBED_DIM).permute(0, 3, 1, 2)
+    torch.testing.assert_close(features, want)
+    # 50 x 60 is no multiple of 14: resized up to 56 x 70, covering the same image.
+    assert backbone(torch.randn(1, 3, 50, 60))[0].shape == (1, EMBED_DIM, 4, 5)
+    head = torch.nn.Conv2d(EMBED_DIM, 3, 1)
+    head(features).sum().backward()
+    assert head.weight.grad is not None
+
+
+def test_cli_builds_the_probe_on_a_timm_vit(demo: Path, tmp_path: Path) -> None:
+    from mmseg.registry import MODELS
+
+    weights = random_timm_vit(tmp_path / "w.pth")
+    args = cli.build_parser().parse_args(
+        ["--timm", TIMM_NAME, "--weights", str(weights), "--data", str(demo), *FAST]
+    )
+    settings = cli.settings_from_args(args)
+    assert settings.work_dir == Path("work_dirs") / "seg" / f"{TIMM_NAME}_demo"
+    run = probe.build_probe(settings)
+    assert run.backbone["kind"] == "timm" and run.backbone["arch"] == TIMM_NAME
+    assert (run.backbone["patch_size"], run.backbone["embed_dim"]) == (14, EMBED_DIM)
+    assert run.cfg.model.decode_head.in_channels == EMBED_DIM
+    assert run.cfg.model.backbone.timm == TIMM_NAME and run.cfg.model.backbone.checkpoint is None
+    assert run.cfg.model.backbone.weights == str(weights.resolve())
+    built = MODELS.build(run.cfg.model.backbone)
+    images = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        want = timm_vit().forward_features(images)[:, PREFIX_TOKENS:]
+    torch.testing.assert_close(built(images)[0], want.reshape(1, 2, 2, -1).permute(0, 3, 1, 2))
 
 
 def test_head_upsamples_features_before_the_conv() -> None:
@@ -266,6 +314,25 @@ def test_cli_errors_are_clear(
     assert "fewer than one batch" in capsys.readouterr().err
     assert run_cli(*base, "--cfg-options", "nonsense") == 2
     assert "--cfg-options" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_model_option_errors_are_clear(
+    demo: Path, random_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = random_timm_vit(tmp_path / "w.safetensors")
+    base = ["--data", demo, "--work-dir", tmp_path / "w"]
+    cases = [
+        (["--timm", TIMM_NAME], "--timm needs --weights FILE"),
+        (["--weights", weights], "--weights goes with --timm NAME"),
+        ([], "no model: give --checkpoint FILE, or --timm NAME --weights FILE"),
+        (["--checkpoint", random_ckpt, "--timm", TIMM_NAME, "--weights", weights], "exclude"),
+        (["--timm", TIMM_NAME, "--weights", tmp_path / "no.pth"], "no.pth does not exist"),
+        (["--timm", "vit_base_patch14_reg4_dinov2", "--weights", weights], "does not fit"),
+    ]
+    for argv, message in cases:
+        assert run_cli(*argv, *base) == 2, argv
+        assert message in capsys.readouterr().err, argv
     assert not (tmp_path / "w").exists()
 
 

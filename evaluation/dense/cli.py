@@ -16,10 +16,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from densedino.cli.model_args import resolve_device
+from densedino.evaluation.backbone import (
+    Backbone,
+    BackboneSpec,
+    add_backbone_arguments,
+    random_like,
+)
 from densedino.evaluation.dense import cluster as cluster_mod
 from densedino.evaluation.dense import corr as corr_mod
 from densedino.evaluation.dense import hbird as hbird_mod
-from densedino.evaluation.dense.backbone import DenseBackbone, load_dense_backbone, random_like
 from densedino.evaluation.dense.data import SegImages, seg_batches, voc_split
 from densedino.evaluation.dense.report import (
     cluster_figure,
@@ -33,13 +39,7 @@ from densedino.evaluation.knn import IndexSpec
 log = logging.getLogger("densedino.evaluation.dense")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-MODELS_HELP = """models: --checkpoint FILE (anything densedino.load_backbone reads: DenseDINO/DINO
-training checkpoints, exported backbones, timm state dicts of the plain ViT), or
---timm NAME --weights FILE for any timm ViT built offline (patch 14, register tokens and layer
-scale included), e.g. --timm vit_small_patch14_reg4_dinov2 --weights dinov2_s14_reg.pth.
---layer N takes block N's patch tokens (after the final norm) instead of the last block's."""
-
-HBIRD_EPILOG = f"""Hummingbird retrieval segmentation (open-hummingbird-eval's protocol): a memory
+HBIRD_EPILOG = """Hummingbird retrieval segmentation (open-hummingbird-eval's protocol): a memory
 bank of training patch features with soft labels (class fractions of each patch, 255 ignored) over E
 augmented passes, class-balanced patch sampling; every val patch takes the softmax(sim / T)-
 weighted labels of its k nearest memory patches (exact FAISS search on the bank itself, queries
@@ -48,24 +48,20 @@ in chunks; GPU / IVF / float16 bank options); bilinear upsampling; mIoU over one
 presets: voc-small / voc / voc-large = 512 px, 2 passes, memory 102,400 / 1,024,000 /
 10,240,000 patches; demo = the built-in data: 128 px, 1 pass, 51,200 patches.
 
-{MODELS_HELP}
-
 example:
   densedino-eval hbird --checkpoint work_dirs/demo/densedino/export/backbone.safetensors \\
       --data work_dirs/demo/data/VOCdevkit/VOC2012 --preset demo
 """
 
-CLUSTER_EPILOG = f"""Leopart's overclustering: val patch features standardised, PCA to 50 (FAISS),
+CLUSTER_EPILOG = """Leopart's overclustering: val patch features standardised, PCA to 50 (FAISS),
 k-means (FAISS, 100 iterations, best of 5 restarts) for each K and seed; cluster maps and ground
 truth at 100 x 100; greedy many-to-one matching for K > classes, Hungarian for K = classes; mean and
 std of mIoU over seeds. Default K: the number of classes, 100, 300, 500.
 
 presets: leopart = 448 px; demo = 128 px (the built-in data).
-
-{MODELS_HELP}
 """
 
-CORR_EPILOG = f"""Cross-view correspondence: two augmented views per image (random resized crops of
+CORR_EPILOG = """Cross-view correspondence: two augmented views per image (random resized crops of
 area 0.4-1 and mirrors, photometric jitter), every patch centre of view A inside view B matched to
 its most cosine-similar patch of B; PCK at 0.05 / 0.1 of the view side and mean error in
 patches, for all / object / background points (object vs background from the masks of a VOC
@@ -74,19 +70,12 @@ matcher (same cell of B, no pixel read) and, unless --no-random-baseline, a rand
 of the same architecture.
 
 presets: default = 224 px; demo = 128 px (the built-in data).
-
-{MODELS_HELP}
 """
 
 
 # ------------------------------------------------------------------------------ options
 def _add_common(parser: argparse.ArgumentParser, presets: tuple[str, ...], default: str) -> None:
-    model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, help="densedino-readable backbone weights")
-    model.add_argument("--timm", dest="timm_name", metavar="NAME", help="a timm ViT name")
-    model.add_argument("--weights", type=Path, help="local weights file of the --timm model")
-    model.add_argument("--which", default="teacher", choices=("teacher", "student"))
-    model.add_argument("--layer", type=int, default=None, help="block index (default: last)")
+    add_backbone_arguments(parser, layer=True)
     parser.add_argument("--data", required=True, type=Path, help="VOCdevkit/VOC2012 folder")
     parser.add_argument("--classes", default="auto", help="as `densedino-eval seg --classes`")
     parser.add_argument("--preset", default=default, choices=presets, help="sizes (see below)")
@@ -94,7 +83,6 @@ def _add_common(parser: argparse.ArgumentParser, presets: tuple[str, ...], defau
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-images", type=int, default=None, help="first N images per split")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     parser.add_argument("--work-dir", type=Path, default=None, help="JSON + figure folder")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
     parser.add_argument("--figure-images", type=int, default=4, help="images in the figure")
@@ -153,25 +141,17 @@ def _size(args: argparse.Namespace, default: int, patch: int) -> int:
     return size
 
 
-def _backbone(args: argparse.Namespace) -> DenseBackbone:
-    if args.timm_name is None and args.weights is not None:
-        raise ValueError("--weights goes with --timm NAME (use --checkpoint otherwise)")
-    return load_dense_backbone(
-        args.checkpoint,
-        timm_name=args.timm_name,
-        weights=args.weights,
-        which=args.which,
-        layer=args.layer,
-    )
+def _backbone(args: argparse.Namespace) -> Backbone:
+    return BackboneSpec.from_args(args).load(layer=args.layer)
 
 
-def _patch_fn(backbone: DenseBackbone, device: torch.device) -> Callable[[Tensor], Tensor]:
+def _patch_fn(backbone: Backbone, device: torch.device) -> Callable[[Tensor], Tensor]:
     backbone.to(device)
     return lambda images: backbone.patch_features(images.to(device)).cpu()
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(resolve_device(args.device))
 
 
 def _work_dir(args: argparse.Namespace) -> Path:
@@ -185,7 +165,7 @@ def _work_dir(args: argparse.Namespace) -> Path:
     return Path("work_dirs") / "dense" / f"{name}_{args.protocol}_{args.preset}"
 
 
-def _header(args: argparse.Namespace, backbone: DenseBackbone, size: int) -> dict[str, Any]:
+def _header(args: argparse.Namespace, backbone: Backbone, size: int) -> dict[str, Any]:
     return {
         "protocol": args.protocol,
         "model": {
@@ -193,6 +173,7 @@ def _header(args: argparse.Namespace, backbone: DenseBackbone, size: int) -> dic
             "timm": args.timm_name,
             "weights": str(args.weights) if args.weights else None,
             "id": backbone.model_id,
+            "arch": backbone.arch,
             "patch_size": backbone.patch_size,
             "embed_dim": backbone.embed_dim,
             "layer": backbone.layer if backbone.layer is not None else backbone.depth - 1,

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from densedino.cli.model_args import add_model_arguments
 from densedino.dist import finishes_process_group
+from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
 
 PROG = "densedino-eval seg"
 DEFAULT_GRID_IMAGES = 8
@@ -45,6 +45,8 @@ examples:
       --data work_dirs/demo/data/VOCdevkit/VOC2012 --protocol demo
   densedino-eval seg --checkpoint dino_deitsmall16_pretrain_full_checkpoint.pth \\
       --data /data/VOCdevkit/VOC2012 --work-dir work_dirs/seg/dino_s16
+  densedino-eval seg --timm vit_small_patch14_reg4_dinov2 --weights dinov2_vits14_reg4.pth \\
+      --data /data/VOCdevkit/VOC2012 --crop-size 448   # patch 14: a 32 x 32 grid
   torchrun --nproc-per-node 4 -m densedino.evaluation.cli seg --launcher pytorch \\
       --checkpoint CKPT --data /data/VOCdevkit/VOC2012 --batch-size 15   # 4 x 15 = 60
 """
@@ -52,7 +54,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the options of `seg` to `parser`."""
-    add_model_arguments(parser, device=False)  # mmengine's runner places the model
+    add_backbone_arguments(parser, device=False)  # mmengine's runner places the model
     parser.add_argument(
         "--data", required=True, type=Path, help="the VOC2012 folder (VOCdevkit/VOC2012)"
     )
@@ -89,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--work-dir",
         type=Path,
         default=None,
-        help="logs, head checkpoint, predictions/ (default: work_dirs/seg/<checkpoint>_<protocol>)",
+        help="logs, head checkpoint, predictions/ (default: work_dirs/seg/<model>_<protocol>, "
+        "<model> = the checkpoint's stem or the --timm name)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results JSON (default: WORK_DIR/seg_results.json)"
@@ -164,11 +167,14 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     """The :class:`ProbeSettings` of parsed arguments."""
     from densedino.evaluation.seg.probe import ProbeSettings, protocol_config
 
+    model = BackboneSpec.from_args(args)
     config = args.config or protocol_config(args.protocol)
     name = args.protocol if args.config is None else config.stem
-    work_dir = args.work_dir or Path("work_dirs") / "seg" / f"{args.checkpoint.stem}_{name}"
+    work_dir = args.work_dir or Path("work_dirs") / "seg" / f"{model.name}_{name}"
     return ProbeSettings(
         checkpoint=args.checkpoint,
+        timm_name=args.timm_name,
+        weights=args.weights,
         data=args.data,
         config=config,
         work_dir=work_dir,
@@ -201,8 +207,7 @@ def make_result(settings: Any, run: Any, outcome: Any, protocol: str) -> dict[st
     )
     totals = outcome.totals
     return {
-        "checkpoint": str(settings.checkpoint),
-        "which": settings.which,
+        **settings.model.describe(),
         "backbone": run.backbone,
         "protocol": protocol,
         "config": str(settings.config),

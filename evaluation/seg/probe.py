@@ -13,6 +13,7 @@ import torch
 from mmengine.config import Config
 
 from densedino.dist import init_cpu_process_group
+from densedino.evaluation.backbone import BackboneSpec
 from densedino.evaluation.seg.dataset import (
     ClassInfo,
     VOCSplits,
@@ -33,9 +34,11 @@ LEOPART_CROP, LEOPART_TRAIN_SIZE = 448, 100
 
 @dataclass
 class ProbeSettings:
-    """What ``densedino-eval seg`` was asked to do (None = keep the config's value)."""
+    """What ``densedino-eval seg`` was asked to do (None = keep the config's value).
 
-    checkpoint: Path
+    The model is ``checkpoint`` (with ``arch``, ``which``) or ``timm_name`` with ``weights``."""
+
+    checkpoint: Path | None
     data: Path
     config: Path
     work_dir: Path
@@ -51,6 +54,19 @@ class ProbeSettings:
     seed: int | None = None
     launcher: str = "none"
     cfg_options: dict[str, Any] = field(default_factory=dict)
+    timm_name: str | None = None
+    weights: Path | None = None
+
+    @property
+    def model(self) -> BackboneSpec:
+        """The backbone options, checked (ValueError for a combination that makes no sense)."""
+        return BackboneSpec(
+            checkpoint=self.checkpoint,
+            timm_name=self.timm_name,
+            weights=self.weights,
+            arch=self.arch,
+            which=self.which,
+        )
 
 
 @dataclass(frozen=True)
@@ -197,30 +213,35 @@ def _world_size(launcher: str) -> int:
     return int(os.environ.get("WORLD_SIZE", "1")) if launcher == "pytorch" else 1
 
 
-def _describe_backbone(settings: ProbeSettings) -> dict[str, Any]:
-    """Load the backbone once up front: a bad checkpoint fails before the Runner starts."""
-    from densedino.models.vit import arch_name
-    from densedino.weights import load_backbone
-
-    model = load_backbone(settings.checkpoint, arch=settings.arch, which=settings.which)
+def _describe_backbone(spec: BackboneSpec) -> dict[str, Any]:
+    """Load the backbone once up front: a bad checkpoint fails before the Runner starts, and
+    the head's width is the model's own."""
+    backbone = spec.load()
     return {
-        "arch": arch_name(model) or "custom",
-        "embed_dim": model.embed_dim,
-        "patch_size": model.patch_size,
-        "depth": model.depth,
+        "kind": backbone.kind,
+        "arch": backbone.arch,
+        "embed_dim": backbone.embed_dim,
+        "patch_size": backbone.patch_size,
+        "depth": backbone.depth,
+        "id": backbone.model_id,
     }
+
+
+def _absolute(path: Path | None) -> str | None:
+    """A path for the config: absolute, as a string."""
+    return None if path is None else str(Path(path).resolve())
 
 
 def build_probe(settings: ProbeSettings) -> ProbeRun:
     """The protocol config with the run's checkpoint, data, sizes and overrides applied."""
-    if not settings.checkpoint.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {settings.checkpoint}")
+    model = settings.model
+    model.check_file()
     if not settings.config.is_file():
         raise FileNotFoundError(f"no config file at {settings.config}")
     voc_root = settings.data.resolve()
     splits = resolve_splits(voc_root)
     classes = resolve_classes(voc_root, settings.classes)
-    backbone = _describe_backbone(settings)
+    backbone = _describe_backbone(model)
 
     cfg = Config.fromfile(str(settings.config))
     cfg.work_dir = str(settings.work_dir)
@@ -230,7 +251,11 @@ def build_probe(settings: ProbeSettings) -> ProbeRun:
     if settings.seed is not None:
         cfg.randomness.seed = settings.seed
     cfg.model.backbone.update(
-        checkpoint=str(settings.checkpoint.resolve()), arch=settings.arch, which=settings.which
+        checkpoint=_absolute(model.checkpoint),
+        arch=model.arch,
+        which=model.which,
+        timm=model.timm_name,
+        weights=_absolute(model.weights),
     )
     cfg.model.decode_head.in_channels = backbone["embed_dim"]
     set_data(cfg, splits, classes)

@@ -22,12 +22,19 @@ def iou_json(names: Sequence[str], iou: np.ndarray) -> dict[str, float | None]:
     return {n: (None if math.isnan(v) else 100.0 * float(v)) for n, v in pairs}
 
 
+def model_label(result: Mapping[str, Any]) -> str:
+    """The checkpoint, or the timm name with its weights file."""
+    if result.get("timm"):
+        return f"{result['timm']} ({result['weights']})"
+    return str(result["checkpoint"])
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     """Per-class IoU, then mIoU and pixel accuracy, as a fixed-width text table."""
     per_class = result["per_class_iou"]
     width = max(12, *(len(name) for name in per_class))
     lines = [
-        f"{result['protocol']} linear probe of {result['checkpoint']} on {result['data']}: "
+        f"{result['protocol']} linear probe of {model_label(result)} on {result['data']}: "
         f"{result['train']['images']} {result['train']['split']} / {result['val']['images']} "
         f"val images, {len(per_class)} classes",
         f"{'class':<{width}} {'IoU':>7}",

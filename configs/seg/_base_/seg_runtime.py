@@ -24,7 +24,15 @@ model = dict(
         pad_val=0,
         seg_pad_val=255,
     ),
-    backbone=dict(type="FrozenViTBackbone", checkpoint=None, arch=None, which="teacher"),
+    # checkpoint (+ arch, which), or timm + weights: filled in from densedino-eval seg's options
+    backbone=dict(
+        type="FrozenViTBackbone",
+        checkpoint=None,
+        arch=None,
+        which="teacher",
+        timm=None,
+        weights=None,
+    ),
     train_cfg=dict(),
 )
 
