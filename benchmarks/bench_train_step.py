@@ -24,9 +24,9 @@ pair instead, i.e. DINO's own use of the same 6 views. For each setting, in one 
 - seconds per training step, the trainer's own (:func:`densedino.train.model.ssl_train_step`:
   uint8 views normalised on the device, forward, backward, per-parameter clipping, AdamW, teacher
   EMA, logged values), steps alternating between the two methods so that a change in machine
-  load hits both; the first step of each is a warm-up; medians and their ratio, of wall time and
-  of the process's CPU time (which other jobs on a shared machine do not inflate; with
-  ``--threads 1`` the cleanest measure);
+  load hits both; the first ``--warmup`` steps of each (3) are untimed; medians and their
+  ratio, of wall time and of the process's CPU time (which other jobs on a shared machine do
+  not inflate; with ``--threads 1`` the cleanest measure);
 - peak memory of a step above the built model and optimizer, each method in its own process:
   peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) minus the RSS before
   the steps on CPU, ``torch.cuda.max_memory_allocated`` minus the allocated memory before the
@@ -111,7 +111,8 @@ def build(name: str, method: str, args) -> tuple[SSLModel, OptimWrapper]:
     model = SSLModel(method=method_config(name, method, args.dino_pairs)).to(args.device)
     # Epoch 1: the heads' last layers train, as in all but the first epoch.
     model.state = StepState(epoch=1)
-    optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-5)
+    # fused, as configs/_base_/default_runtime.py has the trainer build it
+    optimizer = torch.optim.AdamW(dino_param_groups(model.method.student), lr=1e-5, fused=True)
     return model, OptimWrapper(optimizer)
 
 
@@ -155,10 +156,10 @@ def compare(name: str, args) -> dict:
     runs = [(amp, m) for amp in amp_modes(args) for m in METHODS]
     times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
     cpu: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
-    for i in range(args.steps + 1):
+    for i in range(args.warmup + args.steps):
         for amp, m in runs:
             seconds, cpu_seconds = step_seconds(*built[m], batch, args, amp)
-            if i > 0:  # the first step of each warms up allocators and caches
+            if i >= args.warmup:
                 times[amp, m].append(seconds)
                 cpu[amp, m].append(cpu_seconds)
     per_amp = {}
@@ -283,6 +284,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--setting", choices=["paper", "authors", "both"], default="both")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps of each method first: the heap page-faults for about 3 DenseDINO "
+        "steps before it settles",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument(
         "--amp",

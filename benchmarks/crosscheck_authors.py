@@ -444,8 +444,10 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
         method.teacher.load_state_dict({k: state[k] for k in keys}, strict=True)
         method.train()
 
-    def adamw(module: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+    def adamw(module: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+        """Theirs as main_dino.py builds it; ours fused, as our trainer's config builds it."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=1e-4, fused=fused)
 
     def their_step(s: nn.Module, t: nn.Module, name: str, opt: torch.optim.Optimizer):
         def run() -> Callable[[], None]:
@@ -479,9 +481,9 @@ def timing(authors: SimpleNamespace, args: argparse.Namespace) -> dict[str, Any]
         return run
 
     steps = {
-        "ours DenseDINO": our_step(ours["DenseDINO"], adamw(ours["DenseDINO"].student)),
+        "ours DenseDINO": our_step(ours["DenseDINO"], adamw(ours["DenseDINO"].student, fused=True)),
         "theirs DenseDINO": their_step(student, teacher, "DenseDINO", adamw(student)),
-        "ours DINO": our_step(ours["DINO"], adamw(ours["DINO"].student)),
+        "ours DINO": our_step(ours["DINO"], adamw(ours["DINO"].student, fused=True)),
         "theirs DINO": their_step(student_dino, teacher_dino, "DINO", adamw(student_dino)),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}

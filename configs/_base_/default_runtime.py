@@ -11,10 +11,12 @@ randomness = dict(seed=0, deterministic=False)
 
 train_cfg = dict(type="ResumableEpochLoop", max_epochs=100)
 # AdamW on DINO's two parameter groups; lr and weight decay are set every iteration by
-# DINOScheduleHook from `schedule` below (densedino-train adds the hook).
+# DINOScheduleHook from `schedule` below (densedino-train adds the hook). `fused`: one kernel per
+# parameter instead of about ten passes; on CPU torch's default is the per-tensor loop, 3x slower
+# over a ViT-S and its two 65536-prototype heads (docs/benchmarks.md, Training step).
 optim_wrapper = dict(
     constructor="DINOOptimWrapperConstructor",
-    optimizer=dict(type="AdamW", lr=5e-4, weight_decay=0.04),
+    optimizer=dict(type="AdamW", lr=5e-4, weight_decay=0.04, fused=True),
 )
 schedule = dict(
     lr=5e-4,  # for a total batch of base_batch_size; scaled linearly
