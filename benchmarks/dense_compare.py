@@ -29,7 +29,13 @@ from replicate import call, format_mean_std, git_commit, read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from densedino.demo_job import DENSE_OPTIONS, KNN_K, METHODS, random_init_like  # noqa: E402
+from densedino.demo_job import (  # noqa: E402
+    DENSE_OPTIONS,
+    METHODS,
+    dense_command,
+    knn_command,
+    random_init_like,
+)
 
 DATA_SEED = 0
 MODELS = ("random-init", "dino", "densedino")
@@ -89,27 +95,17 @@ def checkpoint_for(
 def evaluate(checkpoint: Path, folder: Path, data: Path, seed: int, layer: int) -> dict:
     """k-NN (last block only) and the three dense protocols at ``layer``; reused when stored."""
     out = {}
-    voc = data / "VOCdevkit" / "VOC2012"
     if layer == -1:
         path = folder / "knn.json"
         if read_json(path) is None:
-            call(
-                [sys.executable, "-m", "densedino.evaluation.cli", "knn", "--checkpoint",
-                 str(checkpoint), "--data", str(data / "imagenet"), "--crop", "128", "--k",
-                 *map(str, KNN_K), "--out", str(path), "--quiet"],
-                folder / "knn.log",
-            )  # fmt: skip
+            call(knn_command(checkpoint, data, path), folder / "knn.log")
         out["knn_top1"] = read_json(path)["results"]["20"]["top1"]
-    for protocol, options in DENSE_OPTIONS.items():
+    for protocol in DENSE_OPTIONS:
         path = folder / f"{protocol}_layer{layer}.json"
         if read_json(path) is None:
-            call(
-                [sys.executable, "-m", "densedino.evaluation.cli", protocol, "--checkpoint",
-                 str(checkpoint), "--data", str(voc), "--preset", "demo", "--seed", str(seed),
-                 "--layer", str(layer), "--work-dir", str(folder / f"{protocol}_layer{layer}"),
-                 "--out", str(path), "--quiet", *options],
-                folder / f"{protocol}_layer{layer}.log",
-            )  # fmt: skip
+            work_dir = folder / f"{protocol}_layer{layer}"
+            command = dense_command(protocol, checkpoint, data, path, work_dir, seed, layer)
+            call(command, folder / f"{protocol}_layer{layer}.log")
         out.update(headline(protocol, read_json(path)["results"]))
     return out
 

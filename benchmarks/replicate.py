@@ -40,13 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from densedino.demo_job import KNN_CROP, default_seg_epochs, knn_command, seg_command
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/demo/densedino_vit-t_demo.py"
-SEG_CONFIG = "configs/seg/leopart_linear_demo.py"  # the seg probe's `demo` protocol
 DATA_SEED = 0
-KNN_K = (10, 20)
 KNN_REPORT_K = 20
-KNN_CROP = 128
 BASELINE = "random-init"
 RESULT = "result.json"
 SETTINGS = "settings.json"
@@ -113,12 +112,6 @@ def load_recipe(config: Path = REPO / CONFIG) -> Recipe:
         batch_size=int(cfg.train_dataloader.batch_size),
         fingerprint=hashlib.sha256(text.encode()).hexdigest()[:16],
     )
-
-
-def default_seg_epochs() -> int:
-    from mmengine.config import Config
-
-    return int(Config.fromfile(REPO / SEG_CONFIG).train_cfg.max_epochs)
 
 
 def iterations(train_images: int, batch_size: int, epochs: int) -> int:
@@ -330,24 +323,15 @@ def train(variant: Variant, seed: int, folder: Path, data: Path, epochs: int | N
 
 def knn(checkpoint: Path, folder: Path, data: Path) -> tuple[dict, float]:
     out = folder / "knn.json"
-    seconds = call(
-        [sys.executable, "-m", "densedino.evaluation.cli", "knn", "--checkpoint", str(checkpoint),
-         "--data", str(data / "imagenet"), "--crop", str(KNN_CROP), "--k", *map(str, KNN_K),
-         "--out", str(out), "--quiet"],
-        folder / "knn.log",
-    )  # fmt: skip
+    seconds = call(knn_command(checkpoint, data, out), folder / "knn.log")
     return json.loads(out.read_text())["results"], seconds
 
 
 def seg(checkpoint: Path, folder: Path, data: Path, seed: int, epochs: int) -> tuple[dict, float]:
     out = folder / "seg.json"
     seconds = call(
-        [sys.executable, "-m", "densedino.evaluation.cli", "seg", "--checkpoint",
-         str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--protocol", "demo",
-         "--seed", str(seed), "--epochs", str(epochs), "--work-dir", str(folder / "seg"),
-         "--out", str(out)],
-        folder / "seg.log",
-    )  # fmt: skip
+        seg_command(checkpoint, data, out, folder / "seg", seed, epochs), folder / "seg.log"
+    )
     return json.loads(out.read_text()), seconds
 
 

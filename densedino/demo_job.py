@@ -25,6 +25,8 @@ METHODS = {
     "densedino": "configs/demo/densedino_vit-t_demo.py",
 }
 KNN_K = (10, 20)
+KNN_CROP = 128
+EVAL = (sys.executable, "-m", "densedino.evaluation.cli")
 SEG_CONFIG = "configs/seg/leopart_linear_demo.py"  # the seg probe's `demo` protocol
 # The dense protocols at their `demo` presets; overclustering at K = the 11 classes and 100,
 # one k-means restart per seed (300 and 500, and 5 restarts, would add minutes per model on 2
@@ -96,24 +98,57 @@ def random_init_like(checkpoint: Path, out: Path, seed: int) -> Path:
     return save_backbone(model, out, {"method": "random-init"})
 
 
+def knn_command(checkpoint: Path, data: Path, out: Path) -> list[str]:
+    """`densedino-eval knn` as the main job runs it on the built-in data at `data`."""
+    return [*EVAL, "knn", "--checkpoint", str(checkpoint), "--data", str(data / "imagenet"),
+            "--crop", str(KNN_CROP), "--k", *map(str, KNN_K), "--out", str(out),
+            "--quiet"]  # fmt: skip
+
+
+def seg_command(
+    checkpoint: Path, data: Path, out: Path, work_dir: Path, seed: int, epochs: int
+) -> list[str]:
+    """`densedino-eval seg`, the `demo` protocol, as the main job runs it."""
+    return [*EVAL, "seg", "--checkpoint", str(checkpoint), "--data",
+            str(data / "VOCdevkit" / "VOC2012"), "--protocol", "demo", "--seed", str(seed),
+            "--epochs", str(epochs), "--work-dir", str(work_dir), "--out", str(out)]  # fmt: skip
+
+
+def dense_command(
+    protocol: str,
+    checkpoint: Path,
+    data: Path,
+    out: Path,
+    work_dir: Path,
+    seed: int,
+    layer: int | None = None,
+) -> list[str]:
+    """`densedino-eval hbird|cluster|corr` at the `demo` preset with the main job's options
+    (:data:`DENSE_OPTIONS`); `layer`: another block's features than the last."""
+    layer_option = [] if layer is None else ["--layer", str(layer)]
+    return [*EVAL, protocol, "--checkpoint", str(checkpoint), "--data",
+            str(data / "VOCdevkit" / "VOC2012"), "--preset", "demo", "--seed", str(seed),
+            *layer_option, "--work-dir", str(work_dir), "--out", str(out), "--quiet",
+            *DENSE_OPTIONS[protocol]]  # fmt: skip
+
+
 def knn(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> dict:
     out = args.work_dir / "eval" / f"knn_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(
-        [sys.executable, "-m", "densedino.evaluation.cli", "knn", "--checkpoint", str(checkpoint),
-         "--data", str(data / "imagenet"), "--crop", "128", "--k", *map(str, KNN_K),
-         "--out", str(out), "--quiet"]
-    )  # fmt: skip
+    run(knn_command(checkpoint, data, out))
     return json.loads(out.read_text())["results"]
+
+
+def default_seg_epochs() -> int:
+    """The `demo` probe protocol's length."""
+    from mmengine.config import Config
+
+    return int(Config.fromfile(REPO / SEG_CONFIG).train_cfg.max_epochs)
 
 
 def seg_epochs(args: argparse.Namespace) -> int:
     """The probe's length: --seg-epochs, else the `demo` protocol's."""
-    if args.seg_epochs:
-        return args.seg_epochs
-    from mmengine.config import Config
-
-    return int(Config.fromfile(REPO / SEG_CONFIG).train_cfg.max_epochs)
+    return args.seg_epochs or default_seg_epochs()
 
 
 def seg(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> dict:
@@ -123,12 +158,8 @@ def seg(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> di
     epochs = seg_epochs(args)
     fresh = out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime
     if not (fresh and json.loads(out.read_text())["schedule"].get("epochs") == epochs):
-        run(
-            [sys.executable, "-m", "densedino.evaluation.cli", "seg", "--checkpoint",
-             str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--protocol", "demo",
-             "--seed", str(args.seed), "--epochs", str(epochs),
-             "--work-dir", str(args.work_dir / "eval" / f"seg_{name}"), "--out", str(out)]
-        )  # fmt: skip
+        work_dir = args.work_dir / "eval" / f"seg_{name}"
+        run(seg_command(checkpoint, data, out, work_dir, args.seed, epochs))
     return json.loads(out.read_text())
 
 
@@ -136,16 +167,11 @@ def dense(args: argparse.Namespace, name: str, checkpoint: Path, data: Path) -> 
     """hbird, cluster and corr at their `demo` presets; each reused while newer than the
     checkpoint. Returns {protocol: results JSON}."""
     results = {}
-    for protocol, options in DENSE_OPTIONS.items():
+    for protocol in DENSE_OPTIONS:
         out = args.work_dir / "eval" / f"{protocol}_{name}.json"
         if not (out.is_file() and out.stat().st_mtime > checkpoint.stat().st_mtime):
-            run(
-                [sys.executable, "-m", "densedino.evaluation.cli", protocol, "--checkpoint",
-                 str(checkpoint), "--data", str(data / "VOCdevkit" / "VOC2012"), "--preset",
-                 "demo", "--seed", str(args.seed), "--work-dir",
-                 str(args.work_dir / "eval" / f"{protocol}_{name}"), "--out", str(out), "--quiet",
-                 *options]
-            )  # fmt: skip
+            work_dir = args.work_dir / "eval" / f"{protocol}_{name}"
+            run(dense_command(protocol, checkpoint, data, out, work_dir, args.seed))
         results[protocol] = json.loads(out.read_text())
     return results
 

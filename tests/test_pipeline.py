@@ -123,3 +123,35 @@ def test_figures_are_identical_pictures(runs: tuple[Path, Path, str], name: str)
         pixels = np.asarray(image.convert("RGB"))
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # a picture, not a blank
     assert path.read_bytes() == (second / "figures" / name).read_bytes()
+
+
+def test_evaluation_commands_parse_as_densedino_eval_reads_them(tmp_path: Path) -> None:
+    """The one definition of the main job's evaluation command lines (also used by
+    benchmarks/replicate.py and dense_compare.py) is what `densedino-eval` accepts."""
+    from densedino.demo_job import DENSE_OPTIONS, dense_command, knn_command, seg_command
+    from densedino.evaluation.cli import build_parser
+
+    ckpt, data, out, work = (
+        tmp_path / "c.safetensors",
+        tmp_path / "data",
+        tmp_path / "o.json",
+        tmp_path / "w",
+    )
+
+    def parse(command: list[str]):
+        assert command[:3] == [sys.executable, "-m", "densedino.evaluation.cli"]
+        return build_parser().parse_args(command[3:])
+
+    knn = parse(knn_command(ckpt, data, out))
+    assert (knn.command, knn.data, knn.crop, list(knn.k)) == (
+        "knn",
+        data / "imagenet",
+        128,
+        [10, 20],
+    )
+    seg = parse(seg_command(ckpt, data, out, work, seed=3, epochs=5))
+    assert (seg.protocol, seg.seed, seg.epochs) == ("demo", 3, 5)
+    for protocol in DENSE_OPTIONS:
+        args = parse(dense_command(protocol, ckpt, data, out, work, seed=1, layer=1))
+        assert (args.command, args.preset, args.layer, args.seed) == (protocol, "demo", 1, 1)
+        assert parse(dense_command(protocol, ckpt, data, out, work, seed=1)).layer is None
