@@ -178,3 +178,59 @@ def test_weight_norm_linear_matches_materialised_weight(train_g: bool) -> None:
         torch.testing.assert_close(layer.weight_g.grad, g.grad, rtol=1e-6, atol=1e-6)
     else:
         assert layer.weight_g.grad is None
+
+
+def test_weight_norm_linear_keeps_no_tensor_of_the_output_size_for_backward() -> None:
+    """Only the loss should hold a [tokens, prototypes] tensor: the layer saves x, v and the
+    scale (autograd's ``F.linear(x, v) * scale`` also saved the product)."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(8, 12)
+    x = torch.randn(7, 8, requires_grad=True)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        layer(x).sum().backward()
+    assert saved and all(shape.numel() != 7 * 12 for shape in saved), saved
+    unscaled: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: unscaled.append(t.shape) or t, lambda t: t
+    ):
+        scale = (layer.weight_g / layer.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
+        (F.linear(x, layer.weight_v) * scale).sum()
+    assert any(shape.numel() == 7 * 12 for shape in unscaled)  # the check above can fail
+
+
+def test_weight_norm_linear_under_bf16_autocast_is_as_accurate_as_autograd() -> None:
+    """Under CPU bf16 autocast the backward's products run in bf16, as autograd's would: the
+    same outputs as ``F.linear(x, v) * scale``, and gradients no further from the float64
+    values than autograd's bf16 gradients are."""
+    torch.manual_seed(0)
+    layer = WeightNormLinear(16, 32)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    x = torch.randn(4, 6, 16)
+    target = torch.randn(4, 6, 32)
+
+    def run(mode: str) -> tuple[torch.Tensor, ...]:
+        net = WeightNormLinear(16, 32).double() if mode == "float64" else layer
+        net.load_state_dict(layer.state_dict())
+        net.zero_grad(set_to_none=True)
+        x_in = x.clone().to(net.weight_v.dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "float64"):
+            v, g = net.weight_v, net.weight_g
+            if mode == "autograd":
+                out = F.linear(x_in, v) * (g / v.norm(dim=1, keepdim=True)).squeeze(1)
+            elif mode == "float64":  # DINO's materialised weight
+                out = x_in @ (g * v / v.norm(dim=1, keepdim=True)).T
+            else:
+                out = net(x_in)
+        (out.double() * target.double()).sum().backward()
+        return out, x_in.grad, net.weight_v.grad, net.weight_g.grad
+
+    ours, autograd, exact = run("ours"), run("autograd"), run("float64")
+    assert ours[0].dtype == autograd[0].dtype
+    torch.testing.assert_close(ours[0], autograd[0])
+    for mine, theirs, truth in zip(ours[1:], autograd[1:], exact[1:], strict=True):
+        error = (mine.double() - truth).abs().max()
+        assert error <= 1.5 * (theirs.double() - truth).abs().max() + 1e-3, error

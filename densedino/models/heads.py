@@ -53,10 +53,45 @@ class WeightNormLinear(nn.Module):
         output has only one row per token.
         """
         scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).squeeze(1)
-        return F.linear(x, self.weight_v) * scale
+        return _ScaledLinear.apply(x, self.weight_v, scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _ScaledLinear(torch.autograd.Function):
+    """``F.linear(x, v) * s`` for a per-output scale ``s`` [C], saving x, v and s only.
+
+    Autograd would keep the [..., C] product ``x v^T`` for the gradient of ``s``, a second
+    tensor of the size of the logits besides the one the loss keeps (for DenseDINO's reference
+    tokens 48 MiB at the paper's setting). The gradient needs no such tensor:
+    ``dL/ds_c = sum_n grad_nc (x_n . v_c) = v_c . G_c`` with ``G = grad^T x`` [C, in], which the
+    gradient of v needs anyway (``dL/dv = G * s``). The products run in the dtype the forward's
+    product ran in, so that under autocast the backward is bf16/fp16 as autograd's would be.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v: Tensor, s: Tensor) -> Tensor:
+        product = F.linear(x, v)
+        ctx.save_for_backward(x, v, s)
+        ctx.compute_dtype = product.dtype
+        return product * s
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, v, s = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        grad_x = grad_v = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.linear((grad * s).to(dtype), v.to(dtype).t()).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            flat_grad = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            outer = (flat_grad.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(v.dtype)  # G
+            if ctx.needs_input_grad[2]:
+                grad_s = torch.linalg.vecdot(outer, v).to(s.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_v = outer.mul_(s.unsqueeze(1))
+        return grad_x, grad_v, grad_s
 
 
 class DINOHead(nn.Module):
