@@ -240,8 +240,9 @@ class BackboneSpec:
             raise ValueError("--which applies to --checkpoint (training checkpoints)")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BackboneSpec:
-        """The spec of options added by :func:`add_backbone_arguments`."""
+    def from_args(cls, args: argparse.Namespace | Any) -> BackboneSpec:
+        """The spec of options added by :func:`add_backbone_arguments` (or of any object with
+        the same attributes, such as the seg probe's settings)."""
         return cls(
             checkpoint=args.checkpoint,
             timm_name=args.timm_name,

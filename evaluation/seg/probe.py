@@ -60,13 +60,7 @@ class ProbeSettings:
     @property
     def model(self) -> BackboneSpec:
         """The backbone options, checked (ValueError for a combination that makes no sense)."""
-        return BackboneSpec(
-            checkpoint=self.checkpoint,
-            timm_name=self.timm_name,
-            weights=self.weights,
-            arch=self.arch,
-            which=self.which,
-        )
+        return BackboneSpec.from_args(self)
 
 
 @dataclass(frozen=True)
