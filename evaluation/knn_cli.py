@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from densedino.checks import check_temperature
 from densedino.cli.model_args import resolve_device
 from densedino.dist import finishes_process_group
 from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
+from densedino.evaluation.errors import BAD_INPUT
 from densedino.evaluation.features import (
     DINO_CROP,
     DINO_RESIZE,
@@ -362,7 +362,7 @@ def run_knn(args: argparse.Namespace) -> int:
     logging.getLogger("densedino").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         result = evaluate(args)
-    except (ValueError, FileNotFoundError, ImportError, pickle.UnpicklingError) as error:
+    except BAD_INPUT as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     if result is None:

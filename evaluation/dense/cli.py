@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from densedino.evaluation.dense.report import (
     table,
     write_json,
 )
+from densedino.evaluation.errors import BAD_INPUT
 from densedino.evaluation.knn import IndexSpec
 
 log = logging.getLogger("densedino.evaluation.dense")
@@ -152,7 +152,7 @@ def exits_on_bad_input(run: Callable[[argparse.Namespace], int]) -> Callable[...
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (ValueError, FileNotFoundError, ImportError, pickle.UnpicklingError) as error:
+        except BAD_INPUT as error:
             print(f"densedino-eval {args.protocol}: error: {error}", file=sys.stderr)
             return 2
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 
 from densedino.dist import finishes_process_group
 from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
+from densedino.evaluation.errors import BAD_INPUT
 
 PROG = "densedino-eval seg"
 DEFAULT_GRID_IMAGES = 8
@@ -286,7 +286,7 @@ def run_seg(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = evaluate(args)
-    except (ValueError, FileNotFoundError, ImportError, pickle.UnpicklingError) as error:
+    except BAD_INPUT as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     if result is None:
