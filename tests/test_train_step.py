@@ -3,6 +3,7 @@ the non-finite loss check, and logging that defers the device -> host transfers.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,12 +214,20 @@ def test_cpu_bf16_autocast_runs_the_forward_in_bf16_and_keeps_float32_state(batc
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice")
-def test_amp_on_cpu_selects_bf16_autocast_and_refuses_fp16(tmp_path: Path) -> None:
+def test_amp_on_cpu_selects_bf16_autocast_and_refuses_fp16_or_emulated_bf16(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from densedino.cli.train import build_config, train_parser
 
     config = str(Path(__file__).resolve().parents[1] / "configs/demo/densedino_vit-t_demo.py")
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp"])
+    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: True)
     assert build_config(args).optim_wrapper.type == "CPUAutocastOptimWrapper"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
+        with pytest.raises(SystemExit, match=r"no bf16 instructions .* drop --amp"):
+            build_config(args)
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path)])
     assert build_config(args).optim_wrapper.get("type", "OptimWrapper") == "OptimWrapper"
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp", "fp16"])
