@@ -3,7 +3,6 @@ the non-finite loss check, and logging that defers the device -> host transfers.
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,13 +220,13 @@ def test_amp_on_cpu_selects_bf16_autocast_and_refuses_fp16_or_emulated_bf16(
 
     config = str(Path(__file__).resolve().parents[1] / "configs/demo/densedino_vit-t_demo.py")
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp"])
-    monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: True)
-    assert build_config(args).optim_wrapper.type == "CPUAutocastOptimWrapper"
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        monkeypatch.setattr("torch.cpu._is_avx512_bf16_supported", lambda: False)
-        monkeypatch.setattr("torch.cpu._is_amx_tile_supported", lambda: False)
-        with pytest.raises(SystemExit, match=r"no bf16 instructions .* drop --amp"):
-            build_config(args)
+    # True: bf16 instructions; None: not x86, so it cannot tell and runs.
+    for native in (True, None):
+        monkeypatch.setattr("densedino.train.optim.cpu_has_native_bf16", lambda n=native: n)
+        assert build_config(args).optim_wrapper.type == "CPUAutocastOptimWrapper"
+    monkeypatch.setattr("densedino.train.optim.cpu_has_native_bf16", lambda: False)
+    with pytest.raises(SystemExit, match=r"no bf16 instructions .* drop --amp"):
+        build_config(args)
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path)])
     assert build_config(args).optim_wrapper.get("type", "OptimWrapper") == "OptimWrapper"
     args = train_parser().parse_args([config, "--work-dir", str(tmp_path), "--amp", "fp16"])
