@@ -25,7 +25,7 @@ from densedino.checks import check_temperature
 from densedino.cli.model_args import resolve_device
 from densedino.dist import finishes_process_group
 from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
-from densedino.evaluation.errors import BAD_INPUT
+from densedino.evaluation.errors import exits_on_bad_input
 from densedino.evaluation.features import (
     DINO_CROP,
     DINO_RESIZE,
@@ -355,16 +355,13 @@ def _header(result: Mapping[str, Any]) -> str:
 
 
 @finishes_process_group
+@exits_on_bad_input(PROG)
 def run_knn(args: argparse.Namespace) -> int:
     """Entry point of `densedino-eval knn`: table on stdout, JSON in --out; exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our progress messages only: FAISS' loader is chatty at INFO.
     logging.getLogger("densedino").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    try:
-        result = evaluate(args)
-    except BAD_INPUT as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    result = evaluate(args)
     if result is None:
         return 0
     accuracies = {

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from densedino.evaluation.dense.report import (
     table,
     write_json,
 )
-from densedino.evaluation.errors import BAD_INPUT
+from densedino.evaluation.errors import exits_on_bad_input
 from densedino.evaluation.knn import IndexSpec
 
 log = logging.getLogger("densedino.evaluation.dense")
@@ -144,21 +142,6 @@ def _size(args: argparse.Namespace, default: int, patch: int) -> int:
     return size
 
 
-def exits_on_bad_input(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
-    """Bad options, files or data end the command with status 2 and a one-line reason on
-    stderr (as `knn` and `seg` do), not a traceback."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except BAD_INPUT as error:
-            print(f"densedino-eval {args.protocol}: error: {error}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
 def _backbone(args: argparse.Namespace) -> Backbone:
     return BackboneSpec.from_args(args).load(layer=args.layer)
 
@@ -212,7 +195,7 @@ def _finish(args: argparse.Namespace, result: dict[str, Any], text: str, start: 
 
 
 # ------------------------------------------------------------------------------- hbird
-@exits_on_bad_input
+@exits_on_bad_input("densedino-eval hbird")
 def run_hbird(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     preset = hbird_mod.PRESETS[args.preset]
@@ -295,7 +278,7 @@ def collect_val(
     return torch.cat(feats), torch.cat(gts), torch.cat(views) if views else torch.zeros(0)
 
 
-@exits_on_bad_input
+@exits_on_bad_input("densedino-eval cluster")
 def run_cluster(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     backbone = _backbone(args)
@@ -364,7 +347,7 @@ def corr_images(data: Path, classes: str | None) -> SegImages | FolderImages:
     return FolderImages(files)
 
 
-@exits_on_bad_input
+@exits_on_bad_input("densedino-eval corr")
 def run_corr(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     backbone = _backbone(args)

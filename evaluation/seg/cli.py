@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from densedino.dist import finishes_process_group
 from densedino.evaluation.backbone import BackboneSpec, add_backbone_arguments
-from densedino.evaluation.errors import BAD_INPUT
+from densedino.evaluation.errors import exits_on_bad_input
 
 PROG = "densedino-eval seg"
 DEFAULT_GRID_IMAGES = 8
@@ -281,14 +280,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 @finishes_process_group
+@exits_on_bad_input(PROG)
 def run_seg(args: argparse.Namespace) -> int:
     """Entry point of `densedino-eval seg`: table on stdout, JSON in --out; exit status."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        result = evaluate(args)
-    except BAD_INPUT as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    result = evaluate(args)
     if result is None:
         return 0
     from densedino.evaluation.seg.report import format_table
