@@ -34,6 +34,13 @@ def teacher_probs(teacher_out: Tensor, center: Tensor, teacher_temp: float) -> T
     return F.softmax(logits, dim=-1)
 
 
+def full_precision(tensor: Tensor) -> torch.autocast:
+    """Autocast off on ``tensor``'s device. The losses' reductions over the C prototypes stay in
+    float32, as DINO's element-wise loss does under AMP: autocast would run the products among
+    them (``matmul``, ``vecdot``) in bf16/fp16, which cost about 1 % of the loss value."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def soft_cross_entropy(student_logits: Tensor, probs: Tensor, student_temp: float) -> Tensor:
     """``-sum_c probs * log_softmax(student / tau_s)`` over the last dim, in float32.
 
@@ -61,7 +68,8 @@ class _SoftCrossEntropy(torch.autograd.Function):
         mass = probs.sum(-1)
         ctx.save_for_backward(logits, probs, lse, mass)
         ctx.temp = temp
-        return lse * mass - torch.linalg.vecdot(probs, z)
+        with full_precision(z):
+            return lse * mass - torch.linalg.vecdot(probs, z)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -160,7 +168,8 @@ class DINOLoss(CenteredLoss):
         for iq, v in pairs:
             counts[iq, v] += 1.0
         counts = counts.to(log_p.device, non_blocking=True)
-        summed = (counts @ log_p.flatten(1)).view(probs.shape)  # [T, B, C]
+        with full_precision(log_p):
+            summed = (counts @ log_p.flatten(1)).view(probs.shape)  # [T, B, C]
         return -(probs * summed).sum(-1).mean(-1).sum() / len(pairs)
 
     def update_center(self, teacher_out: Tensor) -> None:
